@@ -1,0 +1,127 @@
+"""Argument checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right
+kind, wrong value) with a message that names the argument and what it got, so a
+user never has to read a traceback from deep inside torch to find the mistake.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_tensor",
+    "raise_if_any",
+]
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """Return ``value`` as an ``int``; reject bools, floats and values below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_kind(value)}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    include_maximum: bool = True,
+) -> float:
+    """Return ``value`` as a finite ``float`` inside ``[minimum, maximum]`` (or ``[minimum, maximum)``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_kind(value)}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None:
+        if include_maximum and value > maximum:
+            raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        if not include_maximum and value >= maximum:
+            raise ValueError(f"{name} must be < {maximum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_kind(value)}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    floating: bool | None = None,
+    integer: bool = False,
+    min_rows: int | None = None,
+) -> Tensor:
+    """Check that ``value`` is a tensor of the given rank and dtype family.
+
+    ``floating=True`` asks for a floating-point dtype, ``integer=True`` for an
+    integer dtype (``bool`` is not an integer here). Shape relations between
+    several tensors are checked by the caller, which knows their names.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_kind(value)}")
+    if ndim is not None and value.dim() != ndim:
+        shape = {1: "(N,)", 2: "(N, D)"}.get(ndim, f"{ndim} dimensions")
+        raise ValueError(
+            f"{name} must have {ndim} dimension(s) {shape}, got shape {tuple(value.shape)}"
+        )
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got dtype {value.dtype}")
+    if min_rows is not None and value.dim() > 0 and value.shape[0] < min_rows:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
+Message = Union[str, Callable[[], str]]
+
+
+def raise_if_any(checks: Sequence[tuple[Tensor, Message]]) -> None:
+    """Evaluate several data-dependent checks with a single host sync.
+
+    ``checks`` holds ``(bad, message)`` pairs where ``bad`` is a 0-d bool
+    tensor that is ``True`` when the check fails, and ``message`` a string or a
+    callable that builds one (so the values quoted in it are only read from
+    the device when the check has failed). Reading the flags one by one would
+    stall a CUDA stream once per check; stacking them costs one transfer.
+    """
+    if not checks:
+        return
+    flags = torch.stack([bad.reshape(()) for bad, _ in checks]).tolist()
+    for failed, (_, message) in zip(flags, checks):
+        if failed:
+            raise ValueError(message() if callable(message) else message)

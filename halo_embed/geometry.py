@@ -1,0 +1,271 @@
+"""HALO's geometry, in one place.
+
+Every loss, head, scorer and search in halo-embed computes its logits through
+the functions below (the FAISS search relies on the L2 identity documented in
+:func:`shifted_logits`), so a change to the math happens here and only here.
+
+Notation (as in the HALO reference): ``N`` embeddings ``x`` of dimension ``D``,
+``K`` prototypes (centroids) ``c``, temperature ``g = softplus(gamma)``. Every
+mean is over the embedding dimension, i.e. ``|v|^2 / D``.
+
+The logit of class ``j`` is the negative scaled squared distance
+``-g * |x - c_j|^2 / D``; an extra "abstain" class has its prototype at the
+origin and a fixed bias, so an input far from every prototype and near the
+origin is sent to the sink. Softmax is shift invariant, so the per-row constant
+``g * |x|^2 / D`` is added back to every logit (the *shifted* logits), which
+turns the distance into a dot product with an L2 penalty on the prototypes and
+makes the abstain logit a constant.
+
+Reference: the HALO loss (Hyperspherical Alignment & Latent Optimization) and
+its published ``halo.py``; the formulas are written out in ``HALO_MATH.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "INIT_LOGIT_MARGIN",
+    "R_SQ_INIT",
+    "abstain_bias",
+    "abstain_mask",
+    "effective_gamma",
+    "initial_gamma",
+    "inverse_softplus",
+    "mean_square",
+    "mean_squared_distances",
+    "pad_abstain_target",
+    "radial_nll",
+    "shifted_logits",
+    "smoothed_targets",
+    "target_radius_sq",
+    "teacher_free_targets",
+    "true_logits",
+    "with_abstain",
+]
+
+#: Expected mean-square distance between an embedding and a prototype at
+#: initialisation, when both have unit per-dimension variance (1 + 1).
+R_SQ_INIT = 2.0
+#: Logit gap the initial temperature buys between "at the natural radius" and
+#: "at the initial distance".
+INIT_LOGIT_MARGIN = 20.0
+
+
+# --------------------------------------------------------------------------
+# Constants fixed at construction time (python floats, as in the reference)
+# --------------------------------------------------------------------------
+
+
+def target_radius_sq(emb_dims: int) -> float:
+    """Mean-square radius of the natural shell, ``1 - 2/D``.
+
+    It is where the radial NLL :func:`radial_nll` has its minimum: a
+    ``D``-dimensional standard Gaussian around a prototype puts its mass at
+    mean-square distance close to 1, with the ``-2/D`` from the chi
+    distribution's mode.
+    """
+    return 1.0 - 2.0 / float(emb_dims)
+
+
+def initial_gamma(emb_dims: int) -> float:
+    """The effective temperature at initialisation, ``20 / (2 - (1 - 2/D))``."""
+    return INIT_LOGIT_MARGIN / (R_SQ_INIT - target_radius_sq(emb_dims))
+
+
+def inverse_softplus(value: float) -> float:
+    """The raw parameter whose softplus is ``value`` (identity above 20, as in the reference)."""
+    if value > 20.0:
+        return float(value)
+    return math.log(math.expm1(value))
+
+
+def abstain_bias(emb_dims: int, num_classes: int, label_smoothing: float) -> float:
+    """The fixed logit of the abstain class (in shifted terms).
+
+    It is set so that an embedding on the natural shell of its prototype
+    (``|x - c|^2/D = 1 - 2/D``) beats the sink by exactly the log-odds margin
+    that the training targets ask for: ``t_ideal - margin_ce`` where
+    ``t_ideal = initial_gamma * 2/D`` and ``margin_ce = log(max_prob / min_prob)``,
+    the log ratio between the true-class and other-class target probabilities
+    (from label smoothing, or 0.99 vs 0.01/K without it).
+    """
+    gamma0 = initial_gamma(emb_dims)
+    if label_smoothing > 0:
+        max_prob = 1.0 - label_smoothing + label_smoothing / num_classes
+        min_prob = label_smoothing / num_classes
+    else:
+        max_prob = 0.99
+        min_prob = 0.01 / num_classes
+    margin_ce = math.log(max_prob / min_prob)
+    t_ideal = gamma0 * (1.0 - target_radius_sq(emb_dims))
+    return t_ideal - margin_ce
+
+
+# --------------------------------------------------------------------------
+# Tensor functions
+# --------------------------------------------------------------------------
+
+
+def effective_gamma(raw_gamma: Tensor) -> Tensor:
+    """``softplus(raw_gamma)``: the temperature actually applied (always positive)."""
+    return F.softplus(raw_gamma)
+
+
+def mean_square(x: Tensor) -> Tensor:
+    """``|x|^2 / D`` per row: ``(N, D) -> (N, 1)``."""
+    return x.pow(2).mean(dim=-1, keepdim=True)
+
+
+def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tensor:
+    """HALO's class logits with the per-row constant added back.
+
+    ``shifted[i, j] = g * (2 <x_i, c_j> - |c_j|^2) / D
+                    = g * (|x_i|^2 - |x_i - c_j|^2) / D``
+
+    so the arg-max over ``j`` is the nearest prototype in L2 (what an exact or
+    approximate L2 index such as FAISS ``IndexFlatL2`` returns), and the
+    softmax over ``[shifted, abstain_bias]`` equals the softmax over the true
+    negative distances with the sink's logit ``abstain_bias - g |x|^2 / D``.
+
+    Args:
+        embeddings: ``(N, D)``.
+        centroids: ``(K, D)``.
+        gamma: the effective temperature, a tensor broadcastable to ``(N, K)``
+            (shape ``(1,)`` or ``()``).
+
+    Returns:
+        ``(N, K)`` logits.
+    """
+    emb_dims = embeddings.shape[-1]
+    centroid_sq = mean_square(centroids)
+    dot = (embeddings @ centroids.T) / emb_dims
+    return gamma * (2.0 * dot - centroid_sq.T)
+
+
+def true_logits(shifted: Tensor, embeddings: Tensor, gamma: Tensor) -> Tensor:
+    """Remove the shift: ``-g * |x - c|^2 / D``, clamped at 0 against rounding.
+
+    Args:
+        shifted: ``(N, K)`` from :func:`shifted_logits`.
+        embeddings: ``(N, D)``, the same embeddings.
+        gamma: the effective temperature used for ``shifted``.
+
+    Returns:
+        ``(N, K)``, every entry ``<= 0``.
+    """
+    return torch.clamp(shifted - gamma * mean_square(embeddings), max=0.0)
+
+
+def with_abstain(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
+    """Append the abstain column: ``(N, K) -> (N, K + 1)``, the last column is the sink."""
+    rows = shifted.shape[0]
+    if isinstance(abstain_bias, Tensor):
+        sink = abstain_bias.to(shifted.dtype).reshape(1, 1).expand(rows, 1)
+    else:
+        sink = shifted.new_full((rows, 1), abstain_bias)
+    return torch.cat([shifted, sink], dim=-1)
+
+
+def abstain_mask(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
+    """``(N, K) -> (N,)`` bool: the sink's logit is strictly above every class logit.
+
+    This is exactly where ``argmax`` of the ``K + 1`` softmax picks the last
+    column (ties go to the class, as ``argmax`` returns the first maximum).
+    """
+    return shifted.max(dim=-1).values < abstain_bias
+
+
+def mean_squared_distances(embeddings: Tensor, centroids: Tensor) -> Tensor:
+    """``|x_i - c_j|^2 / D`` for every pair: ``(N, D), (K, D) -> (N, K)``, clamped at 0."""
+    emb_dims = embeddings.shape[-1]
+    dot = (embeddings @ centroids.T) / emb_dims
+    return (mean_square(embeddings) - 2.0 * dot + mean_square(centroids).T).clamp_min(0.0)
+
+
+def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
+    """The radial ("soap bubble") negative log-likelihood of a mean-square distance.
+
+    ``-( (1/2 - 1/D) * log(r_sq) - r_sq / 2 )``: the NLL of the radius of a
+    ``D``-dimensional standard Gaussian around the prototype, minimal at
+    ``r_sq = 1 - 2/D`` (:func:`target_radius_sq`). It keeps embeddings on a shell
+    around their prototype instead of collapsing onto it.
+
+    Unlike the reference, ``r_sq`` is floored at the smallest normal fp32
+    number before the log: an embedding exactly on its prototype gives a finite
+    loss and a zero radial gradient (its direction is undefined there) instead of
+    ``inf`` and NaN. Every ``r_sq`` above that floor is unchanged.
+
+    Args:
+        r_sq: ``(N,)`` mean-square distances to the assigned prototype.
+        emb_dims: ``D``.
+
+    Returns:
+        ``(N,)``.
+    """
+    volume_coeff = 0.5 - 1.0 / float(emb_dims)
+    floor = torch.finfo(torch.float32).tiny
+    return -(volume_coeff * torch.log(r_sq.clamp_min(floor)) - 0.5 * r_sq)
+
+
+# --------------------------------------------------------------------------
+# Training targets over the K classes (the abstain column always gets 0)
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_free_targets(true: Tensor, is_target: Tensor, label_smoothing: float) -> Tensor:
+    """HALO's self-distilled soft targets, without a teacher.
+
+    Every positive gets logit 0 and every negative its own true logit divided
+    by ``label_smoothing``; the softmax of that is the target distribution, so
+    a near-miss class gets more mass than a far one (dark knowledge from the
+    model's own geometry). With ``label_smoothing == 0`` this is the limit
+    ``ls -> 0+``: all mass spread evenly over the positives (the reference
+    divides by zero there and yields NaN where a true logit is exactly 0).
+
+    Args:
+        true: ``(N, K)`` true logits from :func:`true_logits` (``<= 0``).
+        is_target: ``(N, K)`` bool, ``True`` at each row's positive column(s).
+        label_smoothing: ``>= 0``.
+
+    Returns:
+        ``(N, K)`` rows summing to 1, no gradient.
+    """
+    if label_smoothing > 0:
+        target_logits = torch.where(is_target, 0.0, true / label_smoothing)
+        return F.softmax(target_logits, dim=-1)
+    positives = is_target.to(true.dtype)
+    return positives / positives.sum(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def smoothed_targets(
+    columns: Tensor, num_classes: int, label_smoothing: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Label smoothing over the ``K`` classes: ``ls/K`` everywhere, ``1 - ls + ls/K`` at the target.
+
+    Args:
+        columns: ``(N,)`` column of each row's class.
+        num_classes: ``K``.
+
+    Returns:
+        ``(N, K)`` rows summing to 1.
+    """
+    probs = torch.full(
+        (columns.shape[0], num_classes),
+        label_smoothing / num_classes,
+        dtype=dtype,
+        device=columns.device,
+    )
+    probs.scatter_(1, columns.unsqueeze(1), 1.0 - label_smoothing + label_smoothing / num_classes)
+    return probs
+
+
+def pad_abstain_target(probs: Tensor) -> Tensor:
+    """``(N, K) -> (N, K + 1)``: the abstain column's target probability is exactly 0."""
+    return torch.cat([probs, probs.new_zeros((probs.shape[0], 1))], dim=-1)

@@ -1,0 +1,172 @@
+"""Inference on a trained HALO classifier: K+1 probabilities, abstention, OOD scores.
+
+    head = HALOHead.from_trained(model, loss)        # HALOModel + HALOLoss after training
+    embeddings, _ = model(images)
+    out = head(embeddings)
+    out.probs          # (N, K+1), last column = "I don't know"
+    out.labels         # (N,) predicted class, or ABSTAIN (-1) where the sink wins
+    out.scores["not_abstain"]   # (N,) larger = more in-distribution
+
+Every quantity comes from :mod:`halo_embed.geometry`, the same functions the
+loss trains with, so what the loss optimised is what the head reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import geometry
+from ._validation import check_float, check_tensor, raise_if_any
+
+__all__ = ["ABSTAIN", "SCORE_FUNCTIONS", "HALOHead", "HALOPrediction", "halo_ood_scores"]
+
+#: Label returned for inputs the model abstains on.
+ABSTAIN = -1
+
+#: OOD / rejection scores, every one larger for in-distribution inputs.
+SCORE_FUNCTIONS = {
+    "not_abstain": "1 - p(abstain): one minus the sink's probability in the K+1 softmax",
+    "msp": "maximum class probability in the K+1 softmax (the sink's mass counts against it)",
+    "neg_distance": "minus the mean-square distance |x - c|^2 / D to the nearest centroid",
+    "energy": "logsumexp of the K true logits -g|x - c|^2 / D (negative free energy)",
+}
+
+
+def halo_ood_scores(probs: Tensor, true: Tensor, gamma: Tensor) -> dict[str, Tensor]:
+    """All :data:`SCORE_FUNCTIONS` from the ``(N, K+1)`` probabilities and ``(N, K)`` true logits."""
+    return {
+        "not_abstain": 1.0 - probs[:, -1],
+        "msp": probs[:, :-1].max(dim=-1).values,
+        "neg_distance": true.max(dim=-1).values / gamma,
+        "energy": torch.logsumexp(true, dim=-1),
+    }
+
+
+@dataclass
+class HALOPrediction:
+    """What :class:`HALOHead` returns for ``N`` embeddings.
+
+    Attributes:
+        probs: ``(N, K+1)`` softmax over the classes and the sink (last column).
+        labels: ``(N,)`` long, the predicted class label, or :data:`ABSTAIN`.
+        abstained: ``(N,)`` bool, the sink has the largest probability.
+        scores: name -> ``(N,)`` OOD score, larger = more in-distribution
+            (see :data:`SCORE_FUNCTIONS`).
+        logits: ``(N, K+1)`` shifted logits (last column = abstain bias).
+    """
+
+    probs: Tensor
+    labels: Tensor
+    abstained: Tensor
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+class HALOHead(nn.Module):
+    """A trained HALO classifier's decision layer, detached from the training code.
+
+    Args:
+        centroids: ``(K, D)`` centroids, already centred as during training.
+        gamma: the *effective* temperature ``softplus(raw_gamma)`` (> 0).
+        abstain_bias: the loss's abstain bias.
+        class_labels: ``(K,)`` label of each centroid; default ``arange(K)``.
+
+    The state (centroids, gamma, abstain bias, labels) is held in buffers, so
+    ``state_dict()`` saves everything needed to score.
+    """
+
+    def __init__(
+        self,
+        centroids: Tensor,
+        gamma: float | Tensor,
+        abstain_bias: float | Tensor,
+        class_labels: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
+        gamma_value = check_float("gamma", float(gamma.detach()) if isinstance(gamma, Tensor) else gamma)
+        if gamma_value <= 0:
+            raise ValueError(f"gamma must be the effective (positive) temperature, got {gamma_value}")
+        bias = check_float(
+            "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
+        )
+        k = centroids.shape[0]
+        if class_labels is None:
+            class_labels = torch.arange(k)
+        check_tensor("class_labels", class_labels, ndim=1, integer=True)
+        if class_labels.shape[0] != k:
+            raise ValueError(f"class_labels must have shape ({k},), got {tuple(class_labels.shape)}")
+        self.register_buffer("centroids", centroids.detach().float().clone())
+        self.register_buffer("gamma", torch.tensor([gamma_value], dtype=torch.float32))
+        self.register_buffer("abstain_bias", torch.tensor(bias, dtype=torch.float32))
+        self.register_buffer("class_labels", class_labels.detach().long().clone())
+
+    @classmethod
+    def from_trained(cls, model: nn.Module, loss: nn.Module) -> "HALOHead":
+        """Build from a trained :class:`~halo_embed.HALOModel` and :class:`~halo_embed.HALOLoss`."""
+        from .losses import HALOLoss
+        from .models import HALOModel
+
+        if not isinstance(model, HALOModel):
+            raise TypeError(f"model must be a HALOModel, got {type(model).__name__}")
+        if not isinstance(loss, HALOLoss):
+            raise TypeError(f"loss must be a HALOLoss, got {type(loss).__name__}")
+        if (model.n_classes, model.emb_dims) != (loss.num_classes, loss.emb_dims):
+            raise ValueError(
+                f"model has (K, D) = ({model.n_classes}, {model.emb_dims}) but loss has "
+                f"({loss.num_classes}, {loss.emb_dims})"
+            )
+        with torch.no_grad():
+            return cls(model.centered_centroids(), loss.effective_gamma, loss.abstain_bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def emb_dims(self) -> int:
+        return self.centroids.shape[1]
+
+    def _check_embeddings(self, embeddings: Tensor) -> Tensor:
+        check_tensor("embeddings", embeddings, ndim=2, floating=True, min_rows=1)
+        if embeddings.shape[1] != self.emb_dims:
+            raise ValueError(
+                f"embeddings has D={embeddings.shape[1]} dimensions, the head expects {self.emb_dims}"
+            )
+        raise_if_any([(~torch.isfinite(embeddings).all(), "embeddings contains NaN or inf values")])
+        return embeddings.to(device=self.centroids.device, dtype=torch.float32)
+
+    def _shifted(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        embeddings = self._check_embeddings(embeddings)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return embeddings, geometry.shifted_logits(embeddings, self.centroids, self.gamma)
+
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """``(N, D) -> (N, K+1)`` shifted logits, the last column is the abstain bias."""
+        return geometry.with_abstain(self._shifted(embeddings)[1], self.abstain_bias)
+
+    @torch.no_grad()
+    def forward(self, embeddings: Tensor) -> HALOPrediction:
+        """Probabilities over the ``K`` classes + abstain, predictions and OOD scores.
+
+        Args:
+            embeddings: ``(N, D)`` from the trained backbone.
+
+        Returns:
+            :class:`HALOPrediction`.
+
+        Raises:
+            TypeError / ValueError: not a 2-D float tensor, wrong ``D``, empty,
+            non-finite values.
+        """
+        embeddings, shifted = self._shifted(embeddings)
+        logits = geometry.with_abstain(shifted, self.abstain_bias)
+        true = geometry.true_logits(shifted, embeddings, self.gamma)
+        probs = torch.softmax(logits, dim=-1)
+        abstained = geometry.abstain_mask(shifted, self.abstain_bias)
+        labels = torch.where(abstained, ABSTAIN, self.class_labels[shifted.argmax(dim=-1)])
+        scores = halo_ood_scores(probs, true, self.gamma)
+        return HALOPrediction(probs=probs, labels=labels, abstained=abstained, scores=scores, logits=logits)

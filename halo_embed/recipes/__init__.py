@@ -1,0 +1,1 @@
+"""Training programs (recipes). Each imports its heavy dependencies itself."""
