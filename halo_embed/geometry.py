@@ -41,6 +41,7 @@ __all__ = [
     "pad_abstain_target",
     "radial_nll",
     "shifted_logits",
+    "shifted_logits_from_sq_distances",
     "smoothed_targets",
     "target_radius_sq",
     "teacher_free_targets",
@@ -145,6 +146,25 @@ def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tens
     centroid_sq = mean_square(centroids)
     dot = (embeddings @ centroids.T) / emb_dims
     return gamma * (2.0 * dot - centroid_sq.T)
+
+
+def shifted_logits_from_sq_distances(
+    embeddings: Tensor, sq_distances: Tensor, gamma: Tensor | float
+) -> Tensor:
+    """The same shifted logits from squared L2 distances (sums, as FAISS ``IndexFlatL2`` returns).
+
+    ``g * (|x|^2 - |x - c|^2) / D`` for the ``k`` candidates an index returned.
+
+    Args:
+        embeddings: ``(N, D)`` queries.
+        sq_distances: ``(N, k)`` ``|x - c|^2`` (sum over dimensions).
+        gamma: effective temperature.
+
+    Returns:
+        ``(N, k)``.
+    """
+    emb_dims = embeddings.shape[-1]
+    return gamma * (mean_square(embeddings) - sq_distances / emb_dims)
 
 
 def true_logits(shifted: Tensor, embeddings: Tensor, gamma: Tensor) -> Tensor:

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from . import geometry
 from ._validation import check_float, check_tensor, raise_if_any
 
-__all__ = ["ABSTAIN", "SCORE_FUNCTIONS", "HALOHead", "HALOPrediction", "halo_ood_scores"]
+__all__ = [
+    "ABSTAIN",
+    "SCORE_FUNCTIONS",
+    "SOFTMAX_SCORE_FUNCTIONS",
+    "HALOHead",
+    "HALOPrediction",
+    "halo_ood_scores",
+    "softmax_ood_scores",
+]
 
 #: Label returned for inputs the model abstains on.
 ABSTAIN = -1
@@ -33,6 +41,24 @@ SCORE_FUNCTIONS = {
     "neg_distance": "minus the mean-square distance |x - c|^2 / D to the nearest centroid",
     "energy": "logsumexp of the K true logits -g|x - c|^2 / D (negative free energy)",
 }
+
+
+#: The usual scores of a cross-entropy (dot-product) classifier, for baselines.
+SOFTMAX_SCORE_FUNCTIONS = {
+    "msp": "maximum softmax probability (Hendrycks & Gimpel, 2017)",
+    "max_logit": "largest logit (Hendrycks et al., 2022)",
+    "energy": "logsumexp of the logits, the negative free energy (Liu et al., 2020)",
+}
+
+
+def softmax_ood_scores(logits: Tensor) -> dict[str, Tensor]:
+    """:data:`SOFTMAX_SCORE_FUNCTIONS` of a standard classifier's ``(N, K)`` logits."""
+    logits = logits.float()
+    return {
+        "msp": torch.softmax(logits, dim=-1).max(dim=-1).values,
+        "max_logit": logits.max(dim=-1).values,
+        "energy": torch.logsumexp(logits, dim=-1),
+    }
 
 
 def halo_ood_scores(probs: Tensor, true: Tensor, gamma: Tensor) -> dict[str, Tensor]:

@@ -1,20 +1,38 @@
 """HALO vs cross-entropy on scikit-learn's handwritten digits, with unknown classes held out.
 
-What it produces (2 CPU cores, a few seconds): for an MLP trained on digits
-0-6 only, the test accuracy on known digits and how often the model abstains on
-known digits and on the never-seen digits 7, 8 and 9. The data ships with
-scikit-learn, so this runs offline anywhere.
+What it produces: the same MLP trained on digits 0-6 with cross-entropy (label
+smoothing 0.1) and with HALO, then measured on the known test digits
+(accuracy, ECE) and on inputs it never saw: the digits 7, 8 and 9 (near-OOD)
+and uniform-noise images (far-OOD), with AUROC and both FPR@95 conventions for
+every score function. About 20 seconds on 2 CPU cores; the data ship with
+scikit-learn, so it runs offline anywhere.
+
+Method:
+1. Data: 8x8 digits scaled to [0, 1] and standardised with the training
+   statistics; the known digits are split 70/30 (stratified, fixed seed).
+2. Model: MLP 64 -> 256 -> 256 -> K (embedding dimension = number of
+   classes, as in the published HALO recipe). CCE adds a linear K -> K
+   classifier; HALO uses K learned, mean-centred centroids.
+3. Training: Adam, the same epochs, batch size, learning rate and seed for both.
+4. Evaluation through :mod:`halo_embed.eval`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import HALOHead, HALOLoss, HALOModel
+from ..inference import softmax_ood_scores
+
+LOSSES = ("cce", "halo")
+#: Score function shown in the headline table for each loss.
+PRIMARY_SCORE = {"cce": "msp", "halo": "not_abstain"}
 
 
 @dataclass
@@ -23,6 +41,7 @@ class DigitsConfig:
 
     unknown_digits: tuple[int, ...] = (7, 8, 9)
     test_fraction: float = 0.3
+    noise_samples: int = 500
     hidden: int = 256
     epochs: int = 60
     batch_size: int = 128
@@ -37,12 +56,12 @@ class DigitsData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    x_unknown: torch.Tensor
+    ood: dict[str, torch.Tensor]
     num_classes: int
 
 
 def load_digits_split(config: DigitsConfig) -> DigitsData:
-    """Known digits split into train/test (stratified); every unknown digit goes to the OOD set."""
+    """Known digits split into train/test; unknown digits and noise images as OOD sets."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -50,56 +69,184 @@ def load_digits_split(config: DigitsConfig) -> DigitsData:
     x = (x / 16.0).astype(np.float32)
     unknown = np.isin(y, config.unknown_digits)
     known_labels = np.unique(y[~unknown])
-    remap = {int(label): i for i, label in enumerate(known_labels)}
-    y_known = np.array([remap[int(v)] for v in y[~unknown]])
+    y_known = np.searchsorted(known_labels, y[~unknown])
     x_train, x_test, y_train, y_test = train_test_split(
         x[~unknown], y_known, test_size=config.test_fraction, stratify=y_known, random_state=config.seed
     )
+    noise = np.random.default_rng(config.seed).uniform(0, 1, (config.noise_samples, x.shape[1]))
     mean, std = x_train.mean(0), x_train.std(0) + 1e-3
-    norm = lambda a: torch.from_numpy((a - mean) / std)  # noqa: E731
+    norm = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
+    unknown_name = "digits " + ",".join(str(d) for d in config.unknown_digits)
     return DigitsData(
-        norm(x_train), torch.from_numpy(y_train), norm(x_test), torch.from_numpy(y_test),
-        norm(x[unknown]), len(known_labels),
+        norm(x_train), torch.from_numpy(y_train).long(), norm(x_test), torch.from_numpy(y_test).long(),
+        {unknown_name: norm(x[unknown]), "uniform noise": norm(noise)}, len(known_labels),
     )
 
 
-def _backbone(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
     )
 
 
-def train_halo(data: DigitsData, config: DigitsConfig) -> tuple[HALOModel, HALOLoss]:
-    """Train an MLP + HALO (embedding dimension = number of classes, as published)."""
+class CCEClassifier(nn.Module):
+    """Backbone + linear classifier: the cross-entropy baseline with the same embedding size."""
+
+    def __init__(self, backbone: nn.Module, emb_dims: int, num_classes: int) -> None:
+        super().__init__()
+        self.model = backbone
+        self.classifier = nn.Linear(emb_dims, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.model(x)
+        return embeddings, self.classifier(embeddings)
+
+
+def train(loss_name: str, data: DigitsData, config: DigitsConfig, progress: bool = False):
+    """Train one model; returns ``(model, criterion)``."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(config.seed)
     k = data.num_classes
-    model = HALOModel(_backbone(data.x_train.shape[1], config.hidden, k), k, k)
-    loss_fn = HALOLoss(k, k, label_smoothing=config.label_smoothing)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    backbone = mlp(data.x_train.shape[1], config.hidden, k)
+    if loss_name == "halo":
+        model = HALOModel(backbone, k, k)
+        criterion = HALOLoss(k, k, label_smoothing=config.label_smoothing)
+    elif loss_name == "cce":
+        model = CCEClassifier(backbone, k, k)
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss_name!r}")
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(criterion.parameters()), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     n = data.x_train.shape[0]
-    for _ in range(config.epochs):
+    for _ in tqdm(range(config.epochs), desc=f"train {loss_name}", disable=not progress, leave=False):
         for batch in torch.randperm(n, generator=generator).split(config.batch_size):
-            embeddings, centroids = model(data.x_train[batch])
-            loss, _ = loss_fn(embeddings, data.y_train[batch], centroids)
+            first, second = model(data.x_train[batch])
+            if loss_name == "halo":
+                loss, _ = criterion(first, data.y_train[batch], second)
+            else:
+                loss = criterion(second, data.y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return model.eval(), loss_fn
+    return model.eval(), criterion
 
 
-def run(config: DigitsConfig | None = None) -> dict[str, float]:
-    """Train HALO on the known digits; return accuracy and abstention rates."""
+@torch.no_grad()
+def predict(loss_name: str, model: nn.Module, criterion: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Embeddings, probabilities, closed-set predictions, abstentions and OOD scores for inputs ``x``."""
+    if loss_name == "halo":
+        embeddings, _ = model(x)
+        out = HALOHead.from_trained(model, criterion)(embeddings)
+        return {
+            "embeddings": embeddings,
+            "probs": out.probs,  # K + 1 columns, the last is abstain
+            "pred": out.probs[:, :-1].argmax(1),
+            "abstained": out.abstained,
+            "scores": out.scores,
+        }
+    embeddings, logits = model(x)
+    return {
+        "embeddings": embeddings,
+        "probs": torch.softmax(logits, 1),
+        "pred": logits.argmax(1),
+        "abstained": torch.zeros(len(x), dtype=torch.bool),
+        "scores": softmax_ood_scores(logits),
+    }
+
+
+def evaluate(loss_name: str, model: nn.Module, criterion: nn.Module, data: DigitsData) -> dict[str, Any]:
+    from ..eval import accuracy, expected_calibration_error, ood_table
+
+    known = predict(loss_name, model, criterion, data.x_test)
+    unseen = {name: predict(loss_name, model, criterion, x) for name, x in data.ood.items()}
+    near, far = list(data.ood)[:1], list(data.ood)[1:]
+    ood = ood_table(known["scores"], {name: out["scores"] for name, out in unseen.items()}, near=near, far=far)
+    calibration = expected_calibration_error(known["probs"], data.y_test)
+    metrics = {
+        "accuracy": accuracy(known["pred"], data.y_test),
+        "ece": calibration.ece,
+        "abstain_rate_known": known["abstained"].float().mean().item(),
+        **{f"abstain_rate[{name}]": out["abstained"].float().mean().item() for name, out in unseen.items()},
+        "ood": ood.metrics,
+    }
+    return {"metrics": metrics, "calibration": calibration, "ood": ood, "known": known, "unseen": unseen}
+
+
+def headline(metrics: dict[str, Any], loss_name: str, data: DigitsData) -> dict[str, float]:
+    """The flat numbers of the side-by-side table (primary score of each loss)."""
+    score = PRIMARY_SCORE[loss_name]
+    near, far = list(data.ood)
+    ood = metrics["ood"][score]
+    return {
+        "accuracy": metrics["accuracy"],
+        "ece": metrics["ece"],
+        "near_auroc": ood[near]["auroc"],
+        "near_fpr95_id_kept": ood[near]["fpr95_id_kept"],
+        "far_auroc": ood[far]["auroc"],
+        "far_fpr95_id_kept": ood[far]["fpr95_id_kept"],
+        "abstain_rate_known": metrics["abstain_rate_known"],
+        "abstain_rate_near": metrics[f"abstain_rate[{near}]"],
+        "abstain_rate_far": metrics[f"abstain_rate[{far}]"],
+        "score": score,
+    }
+
+
+def run(config: DigitsConfig | None = None, run_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train both losses, evaluate, and (with ``run_dir``) write ``report.md``, ``metrics.json`` and plots."""
+    from ..eval import embedding_pca, reliability_diagram, score_histograms, side_by_side, write_report
+
     config = config or DigitsConfig()
     data = load_digits_split(config)
-    model, loss_fn = train_halo(data, config)
-    head = HALOHead.from_trained(model, loss_fn)
-    with torch.no_grad():
-        known = head(model(data.x_test)[0])
-        unknown = head(model(data.x_unknown)[0])
-    return {
-        "accuracy": (known.labels == data.y_test).float().mean().item(),
-        "abstain_known": known.abstained.float().mean().item(),
-        "abstain_unknown": unknown.abstained.float().mean().item(),
-    }
+    results = {}
+    for loss_name in LOSSES:
+        model, criterion = train(loss_name, data, config, progress)
+        results[loss_name] = evaluate(loss_name, model, criterion, data)
+        if loss_name == "halo":
+            results[loss_name]["centroids"] = model.centered_centroids().detach()
+    table_rows = [
+        ("accuracy", "accuracy on known digits %"),
+        ("ece", "ECE (15 bins)"),
+        ("near_auroc", f"AUROC % vs {list(data.ood)[0]}"),
+        ("near_fpr95_id_kept", f"FPR@95 (ID kept) % vs {list(data.ood)[0]}"),
+        ("far_auroc", f"AUROC % vs {list(data.ood)[1]}"),
+        ("far_fpr95_id_kept", f"FPR@95 (ID kept) % vs {list(data.ood)[1]}"),
+        ("abstain_rate_known", "abstains on known digits %"),
+        ("abstain_rate_near", f"abstains on {list(data.ood)[0]} %"),
+        ("abstain_rate_far", f"abstains on {list(data.ood)[1]} %"),
+        ("score", "OOD score"),
+    ]
+    flat = {name.upper(): headline(r["metrics"], name, data) for name, r in results.items()}
+    summary = side_by_side(flat, table_rows)
+    metrics = {"config": asdict(config), "headline": flat, **{n: r["metrics"] for n, r in results.items()}}
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        plots = {}
+        for name, r in results.items():
+            reliability_diagram(r["calibration"], run_dir / f"{name}_reliability.png", f"{name.upper()}: reliability")
+            score = PRIMARY_SCORE[name]
+            score_histograms(
+                r["known"]["scores"][score], {k: v["scores"][score] for k, v in r["unseen"].items()},
+                run_dir / f"{name}_scores.png", f"{name.upper()}: {score}",
+            )
+            embedding_pca(
+                r["known"]["embeddings"], data.y_test, run_dir / f"{name}_pca.png",
+                centroids=r.get("centroids"), title=f"{name.upper()}: test embeddings (PCA)",
+                extra={"unknown digits": r["unseen"][list(data.ood)[0]]["embeddings"]},
+            )
+            plots.update({
+                f"{name.upper()} reliability": f"{name}_reliability.png",
+                f"{name.upper()} {score} on known vs unseen inputs": f"{name}_scores.png",
+                f"{name.upper()} embeddings": f"{name}_pca.png",
+            })
+        sections = [
+            "Digits 0-6 of scikit-learn's digits are known; the digits "
+            f"{', '.join(map(str, config.unknown_digits))} and uniform noise are never seen in training.\n",
+            "## CCE vs HALO\n\n" + summary,
+            "## Every score function\n\n### CCE\n\n" + results["cce"]["ood"].to_markdown()
+            + "\n### HALO\n\n" + results["halo"]["ood"].to_markdown(),
+        ]
+        write_report(run_dir, "Digits: cross-entropy vs HALO with unknown classes", metrics, sections, plots)
+    metrics["summary_table"] = summary
+    return metrics

@@ -1,0 +1,49 @@
+"""Evaluation: calibration, OOD detection, retrieval with FAISS, search with rejection, plots, reports.
+
+Metric conventions (a score is larger for in-distribution / accepted inputs):
+see :mod:`halo_embed.eval.metrics`. FAISS and matplotlib are imported when used.
+"""
+
+from .metrics import (
+    CalibrationResult,
+    accuracy,
+    best_threshold,
+    expected_calibration_error,
+    fpr_at_tpr,
+    ood_metrics,
+    threshold_accuracy,
+)
+from .ood import OOD_KEYS, OODResults, collect_scores, evaluate_ood, ood_table
+from .plots import embedding_pca, reliability_diagram, roc_curves, score_histograms
+from .report import format_value, markdown_table, side_by_side, write_report
+from .retrieval import SearchResult, VectorIndex, import_faiss, retrieval_recall
+from .search import RejectionIndex, RejectionResult
+
+__all__ = [
+    "CalibrationResult",
+    "OODResults",
+    "OOD_KEYS",
+    "RejectionIndex",
+    "RejectionResult",
+    "SearchResult",
+    "VectorIndex",
+    "accuracy",
+    "best_threshold",
+    "collect_scores",
+    "embedding_pca",
+    "evaluate_ood",
+    "expected_calibration_error",
+    "format_value",
+    "fpr_at_tpr",
+    "import_faiss",
+    "markdown_table",
+    "ood_metrics",
+    "ood_table",
+    "reliability_diagram",
+    "retrieval_recall",
+    "roc_curves",
+    "score_histograms",
+    "side_by_side",
+    "threshold_accuracy",
+    "write_report",
+]

@@ -1,0 +1,93 @@
+"""Search with rejection: the top-k candidates, or "none of these".
+
+An index over candidate embeddings (class prototypes, or caption embeddings
+that act as centroids) whose answer for each query carries HALO's logits, the
+probabilities over ``[candidates + abstain]`` and an ``abstained`` flag that is
+set when the origin sink beats every candidate. The ranking comes from an L2
+index (FAISS or exact torch); the logits from the L2 identity
+:func:`halo_embed.geometry.shifted_logits_from_sq_distances`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import geometry
+from .._validation import check_float
+from .retrieval import VectorIndex
+
+__all__ = ["RejectionIndex", "RejectionResult"]
+
+
+@dataclass
+class RejectionResult:
+    """The answer for ``N`` queries and ``k`` candidates each, best first.
+
+    Attributes:
+        indices: ``(N, k)`` long, candidate rows.
+        logits: ``(N, k)`` HALO (shifted) logits of those candidates.
+        probs: ``(N, k + 1)`` softmax over the ``k`` logits and the abstain
+            bias; the last column is p(none of these). With ``k`` equal to the
+            number of candidates this is the model's full ``K + 1`` softmax;
+            with fewer it is that softmax restricted to the returned candidates.
+        abstained: ``(N,)`` bool, the sink's logit is above every candidate's.
+    """
+
+    indices: Tensor
+    logits: Tensor
+    probs: Tensor
+    abstained: Tensor
+
+    @property
+    def abstain_prob(self) -> Tensor:
+        return self.probs[:, -1]
+
+
+class RejectionIndex:
+    """Nearest-candidate search with HALO's abstain decision.
+
+    Args:
+        candidates: ``(K, D)`` embeddings that act as centroids.
+        gamma: the effective temperature ``softplus(raw_gamma)``.
+        abstain_bias: the abstain logit.
+        backend / kind / options: the L2 index, see
+            :class:`~halo_embed.eval.retrieval.VectorIndex`.
+    """
+
+    def __init__(
+        self,
+        candidates: Tensor,
+        gamma: float | Tensor,
+        abstain_bias: float | Tensor,
+        backend: str = "faiss",
+        kind: str = "flat",
+        **options,
+    ) -> None:
+        self.gamma = check_float("gamma", float(gamma.detach()) if isinstance(gamma, Tensor) else gamma)
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be the effective (positive) temperature, got {self.gamma}")
+        self.abstain_bias = check_float(
+            "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
+        )
+        self.index = VectorIndex(candidates, "l2", backend, kind, **options)
+
+    def __len__(self) -> int:
+        return self.index.size
+
+    @torch.no_grad()
+    def search(self, queries: Tensor, k: int = 5) -> RejectionResult:
+        """Top-``k`` candidates per query with logits, probabilities and the abstain flag.
+
+        Args:
+            queries: ``(N, D)``.
+            k: candidates per query (capped at the number of candidates).
+        """
+        found = self.index.search(queries, k)
+        queries = queries.detach().float().cpu()
+        logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.gamma)
+        probs = torch.softmax(geometry.with_abstain(logits, self.abstain_bias), dim=-1)
+        abstained = geometry.abstain_mask(logits, self.abstain_bias)
+        return RejectionResult(found.indices, logits, probs, abstained)

@@ -1,0 +1,15 @@
+from halo_embed.recipes.digits import DigitsConfig, run
+
+
+def test_digits_recipe_end_to_end(tmp_path):
+    """Both losses train, evaluate through halo_embed.eval and write a full report (tiny budget)."""
+    metrics = run(DigitsConfig(epochs=10, hidden=64, noise_samples=50), run_dir=tmp_path)
+    for name in ("cce", "halo"):
+        assert 0.5 < metrics[name]["accuracy"] <= 1.0
+        assert 0.0 <= metrics[name]["ece"] <= 1.0
+    assert set(metrics["halo"]["ood"]) == {"not_abstain", "msp", "neg_distance", "energy"}
+    assert set(metrics["cce"]["ood"]) == {"msp", "max_logit", "energy"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| metric | CCE | HALO |" in report and "halo_pca.png" in report
+    for png in ("cce_reliability.png", "halo_scores.png", "halo_pca.png"):
+        assert (tmp_path / png).stat().st_size > 5000
