@@ -39,6 +39,7 @@ __all__ = [
     "mean_square",
     "mean_squared_distances",
     "pad_abstain_target",
+    "paired_shifted_logits",
     "radial_nll",
     "shifted_logits",
     "shifted_logits_from_sq_distances",
@@ -167,6 +168,15 @@ def shifted_logits_from_sq_distances(
     return gamma * (mean_square(embeddings) - sq_distances / emb_dims)
 
 
+def paired_shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor | float) -> Tensor:
+    """The shifted logit of each row's own centroid: ``(N, D), (N, D) -> (N,)``.
+
+    ``g * (|x_i|^2 - |x_i - c_i|^2) / D``, the diagonal of :func:`shifted_logits`
+    without the ``N x N`` matrix (scoring given pairs).
+    """
+    return (gamma * (mean_square(embeddings) - mean_square(embeddings - centroids))).squeeze(-1)
+
+
 def true_logits(shifted: Tensor, embeddings: Tensor, gamma: Tensor) -> Tensor:
     """Remove the shift: ``-g * |x - c|^2 / D``, clamped at 0 against rounding.
 
@@ -265,25 +275,23 @@ def teacher_free_targets(true: Tensor, is_target: Tensor, label_smoothing: float
 
 @torch.no_grad()
 def smoothed_targets(
-    columns: Tensor, num_classes: int, label_smoothing: float, dtype: torch.dtype = torch.float32
+    is_target: Tensor, label_smoothing: float, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Label smoothing over the ``K`` classes: ``ls/K`` everywhere, ``1 - ls + ls/K`` at the target.
+    """Label smoothing over the ``K`` columns: ``ls/K`` everywhere plus ``1 - ls`` shared by the positives.
+
+    With one positive per row this is the reference's ``1 - ls + ls/K`` at the
+    target and ``ls/K`` elsewhere.
 
     Args:
-        columns: ``(N,)`` column of each row's class.
-        num_classes: ``K``.
+        is_target: ``(N, K)`` bool, ``True`` at each row's positive column(s).
+        label_smoothing: in ``[0, 1)``.
 
     Returns:
-        ``(N, K)`` rows summing to 1.
+        ``(N, K)`` rows summing to 1, in ``dtype``.
     """
-    probs = torch.full(
-        (columns.shape[0], num_classes),
-        label_smoothing / num_classes,
-        dtype=dtype,
-        device=columns.device,
-    )
-    probs.scatter_(1, columns.unsqueeze(1), 1.0 - label_smoothing + label_smoothing / num_classes)
-    return probs
+    positives = is_target.to(dtype)
+    share = positives / positives.sum(dim=-1, keepdim=True)
+    return label_smoothing / is_target.shape[1] + (1.0 - label_smoothing) * share
 
 
 def pad_abstain_target(probs: Tensor) -> Tensor:

@@ -90,7 +90,9 @@ def test_teacher_free_targets():
 
 
 def test_smoothed_targets():
-    probs = geometry.smoothed_targets(torch.tensor([2, 0]), 4, 0.2)
+    is_target = torch.zeros(2, 4, dtype=torch.bool)
+    is_target[0, 2] = is_target[1, 0] = True
+    probs = geometry.smoothed_targets(is_target, 0.2)
     torch.testing.assert_close(probs[0], torch.tensor([0.05, 0.05, 0.85, 0.05]))
     padded = geometry.pad_abstain_target(probs)
     assert padded.shape == (2, 5) and torch.all(padded[:, -1] == 0)

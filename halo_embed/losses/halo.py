@@ -16,7 +16,6 @@ half-precision inputs and ``torch.autocast`` regions are computed in fp32,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import geometry
@@ -28,6 +27,7 @@ from .._validation import (
     check_tensor,
     raise_if_any,
 )
+from .functional import halo_cross_entropy, reduce
 
 __all__ = ["HALOLoss", "REDUCTIONS", "resolve_target_columns"]
 
@@ -223,24 +223,12 @@ class HALOLoss(nn.Module):
             cen = centroids.to(dtype)
             gamma = geometry.effective_gamma(self.gamma.to(dtype))
             shifted = geometry.shifted_logits(pos, cen, gamma)
-            logits = geometry.with_abstain(shifted, self.abstain_bias)
-            true = geometry.true_logits(shifted, pos, gamma)
-
-            if self.distill:
-                is_target = torch.zeros_like(true, dtype=torch.bool)
-                is_target.scatter_(1, columns.unsqueeze(1), True)
-                class_probs = geometry.teacher_free_targets(true, is_target, self.label_smoothing)
-            else:
-                class_probs = geometry.smoothed_targets(
-                    columns, self.num_classes, self.label_smoothing, dtype=dtype
-                )
-            target_probs = geometry.pad_abstain_target(class_probs)
-            loss_ce = F.cross_entropy(logits, target_probs, reduction=self.reduction)
-
+            is_target = torch.zeros_like(shifted, dtype=torch.bool)
+            is_target.scatter_(1, columns.unsqueeze(1), True)
+            loss_ce, true = halo_cross_entropy(
+                shifted, pos, gamma, self.abstain_bias, is_target,
+                self.label_smoothing, self.distill, self.reduction,
+            )
             r_sq = (pos - cen[columns]).pow(2).mean(dim=-1)
-            radial = geometry.radial_nll(r_sq, self.emb_dims)
-            if self.reduction == "mean":
-                radial = radial.mean()
-            elif self.reduction == "sum":
-                radial = radial.sum()
+            radial = reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
         return loss_ce + radial, true

@@ -1,0 +1,29 @@
+"""Image-text HALO: CLIP backbones (open_clip, transformers), the feature adapter, HALOCLIP,
+prototype (zero-shot) classification, checkpoints and the alignment scorer.
+
+open_clip / transformers are imported when a backbone is built.
+"""
+
+from .adapter import FeatureAdapter
+from .backbones import CLIPBackbone, HFCLIPBackbone, OpenCLIPBackbone, load_backbone, rebuild_backbone
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model import HALOCLIP
+from .prototype import DEFAULT_TEMPLATES, PrototypeClassifier
+from .scorer import AlignmentScorer, PairScores, Ranking
+
+__all__ = [
+    "AlignmentScorer",
+    "CLIPBackbone",
+    "DEFAULT_TEMPLATES",
+    "FeatureAdapter",
+    "HALOCLIP",
+    "HFCLIPBackbone",
+    "OpenCLIPBackbone",
+    "PairScores",
+    "PrototypeClassifier",
+    "Ranking",
+    "load_backbone",
+    "load_checkpoint",
+    "rebuild_backbone",
+    "save_checkpoint",
+]

@@ -1,0 +1,304 @@
+"""CLIP backbones from open_clip and from Hugging Face transformers, behind one interface.
+
+    backbone = load_backbone("open_clip", "ViT-B-32", pretrained="laion2b_s34b_b79k")   # tag or local file
+    backbone = load_backbone("open_clip", "local-dir:/models/my-clip")                  # open_clip folder
+    backbone = load_backbone("transformers", "openai/clip-vit-base-patch32")            # hub id or local folder
+
+Both families return **un-normalised** projected features: HALO needs the
+norm (with L2-normalised features the origin sink is a constant). open_clip and
+transformers are imported only here, and only when a backbone is built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FAMILIES", "CLIPBackbone", "HFCLIPBackbone", "OpenCLIPBackbone", "load_backbone", "rebuild_backbone"]
+
+FAMILIES = ("open_clip", "transformers")
+
+Tokens = Any  # a LongTensor (open_clip) or a dict of tensors (transformers)
+
+
+class CLIPBackbone(nn.Module):
+    """The interface the HALO CLIP model, the recipes and the scorer rely on.
+
+    Attributes:
+        family: ``"open_clip"`` or ``"transformers"``.
+        embed_dim: ``D`` of the projected features.
+    """
+
+    family: str = ""
+    embed_dim: int = 0
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, D)`` un-normalised image features."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: Tokens) -> Tensor:
+        """Tokens from :meth:`tokenize` ``-> (B, D)`` un-normalised text features."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> Tokens:
+        raise NotImplementedError
+
+    def image_transform(self, train: bool = False) -> Callable:
+        """PIL image -> ``(3, H, W)`` tensor, with training augmentation when ``train``."""
+        raise NotImplementedError
+
+    def lock_image(self) -> None:
+        """Freeze the image tower (LiT-style locking)."""
+        raise NotImplementedError
+
+    def lock_text(self) -> None:
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`rebuild_backbone` recreates the architecture."""
+        raise NotImplementedError
+
+    def save_files(self, directory: Path) -> None:
+        """Write the files the rebuild needs besides weights (configs, tokenizer)."""
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class OpenCLIPBackbone(CLIPBackbone):
+    """An open_clip ``CLIP``/``CustomTextCLIP`` model.
+
+    Build with :meth:`from_pretrained`, which calls
+    ``open_clip.create_model_and_transforms(model_name, pretrained=...)``:
+    ``pretrained`` is a tag (downloads) or a local checkpoint file;
+    ``model_name`` may be a built-in architecture, ``hf-hub:org/repo`` or
+    ``local-dir:/path`` (a folder with ``open_clip_config.json`` and weights).
+    """
+
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module, train_transform: Callable, val_transform: Callable,
+                 tokenizer: Callable, model_cfg: dict, preprocess_cfg: dict, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self._train_transform = train_transform
+        self._val_transform = val_transform
+        self._tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.preprocess_cfg = preprocess_cfg
+        self.name = name
+        self.embed_dim = int(model_cfg["embed_dim"])
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, pretrained: str | None = None, **kwargs: Any) -> "OpenCLIPBackbone":
+        import open_clip
+
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise ValueError(f"open_clip has no model config for {model_name!r}")
+        from open_clip.model import get_model_preprocess_cfg
+
+        tokenizer = open_clip.get_tokenizer(model_name)
+        return cls(model, train_tf, val_tf, tokenizer, model_cfg, dict(get_model_preprocess_cfg(model)), model_name)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        return self.model.encode_image(pixel_values, normalize=False)
+
+    def encode_text(self, tokens: Tokens) -> Tensor:
+        return self.model.encode_text(tokens, normalize=False)
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self._tokenizer(list(texts))
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return self._train_transform if train else self._val_transform
+
+    def lock_image(self) -> None:
+        self.model.lock_image_tower()
+
+    def lock_text(self) -> None:
+        self.model.lock_text_tower()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "name": self.name, "embed_dim": self.embed_dim}
+
+    def save_files(self, directory: Path) -> None:
+        # The checkpoint folder doubles as an open_clip "local-dir:" folder (config only,
+        # the weights live in model.safetensors), so open_clip rebuilds the architecture.
+        config = {"model_cfg": self.model_cfg, "preprocess_cfg": _jsonable(self.preprocess_cfg)}
+        (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        inner = getattr(self._tokenizer, "tokenizer", None)
+        if hasattr(inner, "save_pretrained"):  # an HF tokenizer behind open_clip
+            inner.save_pretrained(directory / "tokenizer")
+
+    @classmethod
+    def rebuild(cls, spec: dict[str, Any], directory: Path) -> "OpenCLIPBackbone":
+        import open_clip
+        from open_clip.model import get_model_preprocess_cfg
+
+        source = f"local-dir:{directory}"
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(
+            source, load_weights=False, pretrained_text=False, pretrained_image=False
+        )
+        model_cfg = open_clip.get_model_config(source)
+        if (directory / "tokenizer").is_dir():
+            from open_clip.tokenizer import HFTokenizer
+
+            tokenizer = HFTokenizer(str(directory / "tokenizer"), context_length=model_cfg["text_cfg"].get("context_length", 77))
+        else:
+            tokenizer = open_clip.get_tokenizer(source)
+        return cls(model, train_tf, val_tf, tokenizer, model_cfg, dict(get_model_preprocess_cfg(model)), spec["name"])
+
+
+def _jsonable(cfg: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def _hf_image_transform(processor: Any, train: bool) -> Callable:
+    """A torchvision pipeline equivalent to an HF CLIP image processor (faster, and the same in every worker)."""
+    from torchvision import transforms as T
+
+    size = processor.size or {}
+    crop = processor.crop_size or size
+    crop_hw = (crop.get("height", crop.get("shortest_edge")), crop.get("width", crop.get("shortest_edge")))
+    resize = size.get("shortest_edge") or (size.get("height"), size.get("width"))
+    mean, std = list(processor.image_mean), list(processor.image_std)
+    to_rgb = T.Lambda(lambda image: image.convert("RGB"))
+    if train:
+        steps = [to_rgb, T.RandomResizedCrop(crop_hw, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    else:
+        steps = [to_rgb, T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_hw)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class HFCLIPBackbone(CLIPBackbone):
+    """A Hugging Face model with ``get_image_features`` / ``get_text_features`` (CLIP, SigLIP, ...).
+
+    Build with :meth:`from_pretrained(id_or_dir)`, which loads the model with
+    ``AutoModel.from_pretrained`` and the tokenizer and image processor from
+    the same place.
+    """
+
+    family = "transformers"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name
+        config = model.config
+        self.embed_dim = int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
+        text_config = getattr(config, "text_config", config)
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_dir: str, **kwargs: Any) -> "HFCLIPBackbone":
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(model_id_or_dir, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_id_or_dir)
+        processor = AutoImageProcessor.from_pretrained(model_id_or_dir)
+        return cls(model, tokenizer, processor, str(model_id_or_dir))
+
+    @staticmethod
+    def _features(output: Any) -> Tensor:
+        # transformers < 5 returns the projected tensor, >= 5 an output whose pooler_output it is
+        return output if isinstance(output, Tensor) else output.pooler_output
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        return self._features(self.model.get_image_features(pixel_values=pixel_values))
+
+    def encode_text(self, tokens: Tokens) -> Tensor:
+        return self._features(self.model.get_text_features(**tokens))
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        encoded = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return _hf_image_transform(self.image_processor, train)
+
+    def _tower(self, kind: str) -> list[nn.Module]:
+        model = self.model
+        names = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}[kind]
+        return [getattr(model, n) for n in names if getattr(model, n, None) is not None]
+
+    def lock_image(self) -> None:
+        for module in self._tower("image"):
+            _freeze(module)
+
+    def lock_text(self) -> None:
+        for module in self._tower("text"):
+            _freeze(module)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        prefix = "activation" if hasattr(self.model, "activation_checkpointing_enable") else "gradient"
+        getattr(self.model, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "name": self.name, "embed_dim": self.embed_dim,
+                "hf_config": self.model.config.to_dict()}
+
+    def save_files(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory / "processor")
+        self.image_processor.save_pretrained(directory / "processor")
+
+    @classmethod
+    def rebuild(cls, spec: dict[str, Any], directory: Path) -> "HFCLIPBackbone":
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+        hf_config = dict(spec["hf_config"])
+        config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        model = AutoModel.from_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(directory / "processor")
+        processor = AutoImageProcessor.from_pretrained(directory / "processor")
+        return cls(model, tokenizer, processor, spec["name"])
+
+
+_CLASSES = {"open_clip": OpenCLIPBackbone, "transformers": HFCLIPBackbone}
+
+
+def load_backbone(family: str, name: str, pretrained: str | None = None, **kwargs: Any) -> CLIPBackbone:
+    """Build a backbone the way each library's users do.
+
+    Args:
+        family: ``"open_clip"`` or ``"transformers"``.
+        name: open_clip architecture / ``hf-hub:`` / ``local-dir:`` name, or an
+            HF hub id or local folder.
+        pretrained: open_clip only: a tag or a local checkpoint file.
+
+    Raises:
+        ValueError: unknown family, or ``pretrained`` given for transformers.
+    """
+    if family not in _CLASSES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "transformers":
+        if pretrained is not None:
+            raise ValueError("pretrained is an open_clip option; for transformers pass the hub id or folder as name")
+        return HFCLIPBackbone.from_pretrained(name, **kwargs)
+    return OpenCLIPBackbone.from_pretrained(name, pretrained=pretrained, **kwargs)
+
+
+def rebuild_backbone(spec: dict[str, Any], directory: Path) -> CLIPBackbone:
+    """The architecture described by :meth:`CLIPBackbone.spec`, with random weights and no download."""
+    family = spec.get("family")
+    if family not in _CLASSES:
+        raise ValueError(f"unknown backbone family {family!r} in the checkpoint's config.json")
+    return _CLASSES[family].rebuild(spec, directory)

@@ -1,0 +1,137 @@
+"""HALOCLIP checkpoints: a folder with ``model.safetensors`` + ``config.json``.
+
+The folder rebuilds the model and the scorer without the training code and
+without downloading anything: ``config.json`` describes the backbone (for
+open_clip the folder is also a valid ``local-dir:`` with its
+``open_clip_config.json``; for transformers the tokenizer and image processor
+are saved under ``processor/``), the adapter and the loss.
+
+Saving is atomic: the new checkpoint is written into a hidden sibling folder
+and moved into place with renames, so a crash mid-save leaves the previous
+checkpoint intact (at worst renamed to ``.<name>.old-*`` for the instant
+between the two renames, which :func:`load_checkpoint` reports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..io import to_jsonable
+from .backbones import rebuild_backbone
+from .model import HALOCLIP
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_checkpoint", "save_checkpoint"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "halo-embed/haloclip"
+FORMAT_VERSION = 1
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (replacing an existing checkpoint there).
+
+    Args:
+        model: the model to save.
+        directory: the checkpoint folder.
+        extra: JSON-able information stored under ``"extra"`` in ``config.json``
+            (e.g. the training step and run arguments).
+    """
+    from safetensors.torch import save_model
+
+    if not isinstance(model, HALOCLIP):
+        raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = directory.parent / f".{directory.name}.tmp-{tag}"
+    staging.mkdir()
+    try:
+        save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+        model.backbone.save_files(staging)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "halo_embed_version": __version__,
+            "backbone": model.backbone.spec(),
+            "loss": model.loss_config(),
+            "embed_dim": model.embed_dim,
+            "abstain_bias": model.abstain_bias,
+            "gamma": float(model.gamma.detach()),
+            "extra": to_jsonable(extra or {}),
+        }
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        _fsync_tree(staging)
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{tag}"
+            os.rename(directory, old)
+            os.rename(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``config.json``; clear errors for a missing or damaged folder."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
+        hint = f"; an interrupted save left the previous checkpoint at {leftovers[-1]}" if leftovers else ""
+        raise FileNotFoundError(f"checkpoint folder {directory} does not exist{hint}")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: {directory} is not a halo-embed checkpoint")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is damaged (not valid JSON: {error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not a halo-embed HALOCLIP config (format {config.get('format')!r})"
+                         if isinstance(config, dict) else f"{config_path} is not a JSON object")
+    for key in ("backbone", "loss"):
+        if key not in config:
+            raise ValueError(f"{config_path} is damaged: it has no {key!r} entry")
+    return config
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> HALOCLIP:
+    """Rebuild a :class:`HALOCLIP` from a checkpoint folder (no download, no training code).
+
+    Raises:
+        FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: a damaged file (named in the message).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    backbone = rebuild_backbone(config["backbone"], directory)
+    model = HALOCLIP(backbone, **config["loss"])
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ValueError(f"{weights} is damaged or does not match {directory / CONFIG_NAME}: {error}") from error
+    return model.to(device).eval()

@@ -1,0 +1,183 @@
+"""Score image-text alignment with rejection: no threshold to tune.
+
+    scorer = AlignmentScorer.from_checkpoint("runs/flickr-halo/checkpoint")
+    scorer.score(["dog.jpg"], ["a dog runs on the grass"])     # probability + accept/reject
+    scorer.rank(["dog.jpg"], captions, k=5)                   # top-5 captions, or "none of these"
+
+The captions act as centroids for the images (as in training): for an image
+``x`` and a caption ``t`` the HALO logit is ``g (|x|^2 - |x - t|^2) / D`` and
+the abstain sink's is the model's fixed ``abstain_bias``. The probability that
+they belong together is the two-candidate softmax ``sigmoid(logit - bias)``
+and the pair is accepted when the caption beats the sink, the same rule the
+model was trained with. :meth:`AlignmentScorer.rank` scores a query against
+many candidates through :class:`~halo_embed.eval.RejectionIndex` (FAISS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import geometry
+from .._validation import check_int
+from ..data.images import load_image
+from ..eval.search import RejectionIndex, RejectionResult
+from .model import HALOCLIP
+
+__all__ = ["AlignmentScorer", "PairScores", "Ranking"]
+
+
+@dataclass
+class PairScores:
+    """Scores of ``N`` (image, text) pairs.
+
+    Attributes:
+        probability: ``(N,)`` p(the caption belongs to the image), ``sigmoid(logit - abstain_bias)``.
+        accept: ``(N,)`` bool, the caption beats the abstain sink (``probability >= 0.5``).
+        logit: ``(N,)`` the caption's HALO logit for the image.
+        abstain_bias: the sink's logit (the built-in threshold on ``logit``).
+    """
+
+    probability: Tensor
+    accept: Tensor
+    logit: Tensor
+    abstain_bias: float
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {"probability": float(p), "accept": bool(a), "logit": float(l)}
+            for p, a, l in zip(self.probability, self.accept, self.logit)
+        ]
+
+
+@dataclass
+class Ranking:
+    """Top-``k`` candidates per query, or "none of these".
+
+    Attributes:
+        result: the :class:`~halo_embed.eval.RejectionResult` (indices,
+            logits, probabilities over ``[k candidates + abstain]``, ``abstained``).
+        candidates: the candidate labels (texts, or image names) in index order.
+    """
+
+    result: RejectionResult
+    candidates: Sequence[Any]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        records = []
+        for row in range(self.result.indices.shape[0]):
+            top = [
+                {"index": int(i), "candidate": self.candidates[int(i)], "probability": float(p), "logit": float(l)}
+                for i, p, l in zip(self.result.indices[row], self.result.probs[row, :-1], self.result.logits[row])
+            ]
+            records.append({
+                "abstained": bool(self.result.abstained[row]),
+                "p_none_of_these": float(self.result.probs[row, -1]),
+                "top": top,
+            })
+        return records
+
+
+class AlignmentScorer:
+    """Pairwise alignment probabilities and rejection from a trained :class:`HALOCLIP`.
+
+    Args:
+        model: a HALOCLIP (live or from :meth:`from_checkpoint`).
+        device: where to run the towers (default: the model's device).
+        batch_size: images / texts encoded per forward pass.
+    """
+
+    def __init__(self, model: HALOCLIP, device: str | torch.device | None = None, batch_size: int = 64) -> None:
+        if not isinstance(model, HALOCLIP):
+            raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self._transform = model.backbone.image_transform(train=False)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, device: str | torch.device | None = None, batch_size: int = 64) -> "AlignmentScorer":
+        from .checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(directory), device=device, batch_size=batch_size)
+
+    @property
+    def gamma(self) -> float:
+        return float(self.model.gamma.detach())
+
+    @property
+    def abstain_bias(self) -> float:
+        return float(self.model.abstain_bias)
+
+    def _pixels(self, images: Sequence[Any] | Tensor) -> Tensor:
+        if isinstance(images, Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"images as a tensor must be a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
+            return images
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of paths / PIL images or a tensor, got {type(images).__name__}")
+        return torch.stack([self._transform(load_image(image)) for image in images])
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any] | Tensor) -> Tensor:
+        """``N`` images (paths, PIL images, or a preprocessed ``(N, 3, H, W)`` tensor) -> ``(N, D)`` on CPU."""
+        if len(images) == 0:
+            raise ValueError("images must not be empty")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self._pixels(images[start : start + self.batch_size]).to(self.device)
+            out.append(self.model.encode_image(pixels).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """``N`` strings -> ``(N, D)`` on CPU."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("texts must not be empty")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"texts[{i}] must be a non-empty string, got {text!r}")
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.model.tokenize(list(texts[start : start + self.batch_size]))
+            tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
+            out.append(self.model.encode_text(tokens).float().cpu())
+        return torch.cat(out)
+
+    def score_embeddings(self, image_embeddings: Tensor, text_embeddings: Tensor) -> PairScores:
+        """:meth:`score` from ``(N, D)`` embeddings of the pairs."""
+        if image_embeddings.shape != text_embeddings.shape:
+            raise ValueError(
+                f"one text per image: got {image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts"
+            )
+        logit = geometry.paired_shifted_logits(image_embeddings, text_embeddings, self.gamma)
+        probability = torch.sigmoid(logit - self.abstain_bias)
+        accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
+        return PairScores(probability, accept, logit, self.abstain_bias)
+
+    def score(self, images: Sequence[Any] | Tensor, texts: Sequence[str]) -> PairScores:
+        """For each pair ``(images[i], texts[i])``: the probability that they belong together and accept/reject."""
+        if len(images) != len(texts):
+            raise ValueError(f"one text per image: got {len(images)} images and {len(texts)} texts")
+        return self.score_embeddings(self.encode_images(images), self.encode_texts(texts))
+
+    def rank(self, images: Sequence[Any] | Tensor, candidate_texts: Sequence[str], k: int = 5,
+             backend: str = "faiss") -> Ranking:
+        """For each image, the top-``k`` captions among ``candidate_texts``, or abstention."""
+        index = RejectionIndex(self.encode_texts(candidate_texts), self.gamma, self.abstain_bias, backend=backend)
+        return Ranking(index.search(self.encode_images(images), k), list(candidate_texts))
+
+    def rank_images(self, texts: Sequence[str], candidate_images: Sequence[Any] | Tensor, k: int = 5,
+                    backend: str = "faiss", candidate_names: Sequence[Any] | None = None) -> Ranking:
+        """For each text, the top-``k`` images among ``candidate_images`` (images as centroids), or abstention."""
+        index = RejectionIndex(self.encode_images(candidate_images), self.gamma, self.abstain_bias, backend=backend)
+        names = list(candidate_names) if candidate_names is not None else (
+            [str(c) for c in candidate_images] if not isinstance(candidate_images, Tensor) else list(range(len(candidate_images)))
+        )
+        return Ranking(index.search(self.encode_texts(texts), k), names)

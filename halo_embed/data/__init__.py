@@ -1,0 +1,1 @@
+"""Datasets and image loading. PIL and torchvision are imported when used."""

@@ -1,0 +1,179 @@
+"""Image-text HALO: the batch's captions are the centroids of its images, and vice versa.
+
+For a batch of ``B`` (image, caption) pairs, image ``i`` is scored against
+every caption of the (global) batch and the abstain sink at the origin, with
+the HALO logits ``-g |x_i - t_j|^2 / D`` (shifted, see
+:mod:`halo_embed.geometry`); its positives are the captions of the same image.
+The symmetric term scores each caption against the batch's images. Targets are
+HALO's teacher-free soft targets (or label smoothing), the sink's target is 0,
+and the radial NLL keeps each image on a shell around its own caption.
+
+A model trained this way rejects a mismatched caption with a built-in
+threshold: the pair (image, caption) is accepted when the caption's logit beats
+the sink's, i.e. ``sigmoid(shifted - abstain_bias) > 0.5``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import geometry
+from .._validation import check_bool, check_float, check_int, check_tensor, raise_if_any
+from ..distributed import all_gather_no_grad, all_gather_with_grad
+from .functional import halo_cross_entropy
+
+__all__ = ["PairedHALOLoss"]
+
+
+class PairedHALOLoss(nn.Module):
+    """HALO for paired image-text embeddings, with the origin as the abstain candidate.
+
+    Args:
+        emb_dims: ``D``.
+        num_candidates: ``K`` in the abstain-bias formula: the number of
+            captions each image competes with in training, i.e. the **global**
+            batch size (per-process batch x processes). The bias is fixed at
+            construction, so scoring a single pair later uses the same
+            threshold the model was trained against.
+        symmetric: also score each caption against the batch's images (default).
+        learn_gamma / distill / label_smoothing: as in :class:`~halo_embed.HALOLoss`.
+
+    Distributed: inside an initialised process group (``accelerate launch``,
+    ``torchrun``) the features of all ranks are gathered **with gradients** and
+    each rank computes the mean loss of its own queries against all candidates
+    (local-loss style, no ``B x B`` matrix on any rank). The mean of the ranks'
+    losses is the single-process loss on the global batch, and after DDP
+    averages the parameter gradients they equal the single-process gradients
+    (for equal per-rank batch sizes; tested with 2 processes).
+
+    Gradient accumulation: each micro-batch's images only see that
+    micro-batch's captions as negatives (as in open_clip without feature caching).
+
+    Raises:
+        TypeError / ValueError: on invalid arguments, naming the argument.
+    """
+
+    def __init__(
+        self,
+        emb_dims: int,
+        num_candidates: int,
+        symmetric: bool = True,
+        learn_gamma: bool = True,
+        distill: bool = True,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
+        self.num_candidates = check_int("num_candidates", num_candidates, minimum=2)
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.learn_gamma = check_bool("learn_gamma", learn_gamma)
+        self.distill = check_bool("distill", distill)
+        self.label_smoothing = check_float(
+            "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
+        )
+        self.abstain_bias = geometry.abstain_bias(self.emb_dims, self.num_candidates, self.label_smoothing)
+        gamma_start = geometry.inverse_softplus(geometry.initial_gamma(self.emb_dims))
+        self.gamma = nn.Parameter(
+            torch.tensor([gamma_start], dtype=torch.float32), requires_grad=self.learn_gamma
+        )
+
+    @property
+    def effective_gamma(self) -> Tensor:
+        """``softplus(gamma)``, shape ``(1,)``, fp32."""
+        return geometry.effective_gamma(self.gamma.float())
+
+    def extra_repr(self) -> str:
+        return (
+            f"emb_dims={self.emb_dims}, num_candidates={self.num_candidates}, symmetric={self.symmetric}, "
+            f"distill={self.distill}, label_smoothing={self.label_smoothing}, "
+            f"abstain_bias={self.abstain_bias:.4f}"
+        )
+
+    def _check(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor | None) -> None:
+        check_tensor("image_features", image_features, ndim=2, floating=True, min_rows=1)
+        check_tensor("text_features", text_features, ndim=2, floating=True, min_rows=1)
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                "image_features and text_features must have the same shape (B, D) (pair i is row i of "
+                f"each), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        if image_features.shape[1] != self.emb_dims:
+            raise ValueError(
+                f"features have D={image_features.shape[1]} dimensions but the loss was built with "
+                f"emb_dims={self.emb_dims}"
+            )
+        if image_ids is not None:
+            check_tensor("image_ids", image_ids, ndim=1, integer=True)
+            if image_ids.shape[0] != image_features.shape[0]:
+                raise ValueError(
+                    f"image_ids must have one id per pair, shape ({image_features.shape[0]},), "
+                    f"got {tuple(image_ids.shape)}"
+                )
+        raise_if_any(
+            [
+                (~torch.isfinite(image_features).all(), "image_features contains NaN or inf values"),
+                (~torch.isfinite(text_features).all(), "text_features contains NaN or inf values"),
+            ]
+        )
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        image_ids: Tensor | None = None,
+        return_parts: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Compute the loss for ``B`` pairs (row ``i`` of each input is pair ``i``).
+
+        Args:
+            image_features: ``(B, D)`` un-normalised image embeddings.
+            text_features: ``(B, D)`` un-normalised caption embeddings.
+            image_ids: ``(B,)`` integer id of the image of each pair; pairs with
+                the same id (several captions of one image) are positives for
+                each other, never negatives. ``None``: every pair is its own image.
+            return_parts: also return ``{"image_to_text", "text_to_image",
+                "radial", "gamma"}`` (detached) for logging.
+
+        Returns:
+            The scalar loss, or ``(loss, parts)``.
+        """
+        self._check(image_features, text_features, image_ids)
+        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            images = image_features.to(dtype)
+            texts = text_features.to(dtype)
+            all_texts, offset = all_gather_with_grad(texts)
+            all_images, _ = all_gather_with_grad(images) if self.symmetric else (None, 0)
+            if image_ids is None:
+                local_ids = torch.arange(images.shape[0], device=images.device) + offset
+                all_ids = torch.arange(all_texts.shape[0], device=images.device)
+            else:
+                local_ids = image_ids.to(images.device).long()
+                all_ids = all_gather_no_grad(local_ids)
+            is_positive = local_ids[:, None] == all_ids[None, :]
+            gamma = geometry.effective_gamma(self.gamma.to(dtype))
+
+            def direction(queries: Tensor, candidates: Tensor) -> Tensor:
+                shifted = geometry.shifted_logits(queries, candidates, gamma)
+                ce, _ = halo_cross_entropy(
+                    shifted, queries, gamma, self.abstain_bias, is_positive, self.label_smoothing, self.distill
+                )
+                return ce
+
+            image_to_text = direction(images, all_texts)
+            text_to_image = direction(texts, all_images) if self.symmetric else None
+            ce = image_to_text if text_to_image is None else 0.5 * (image_to_text + text_to_image)
+            r_sq = (images - texts).pow(2).mean(dim=-1)
+            radial = geometry.radial_nll(r_sq, self.emb_dims).mean()
+            loss = ce + radial
+        if not return_parts:
+            return loss
+        parts = {
+            "image_to_text": image_to_text.detach(),
+            "radial": radial.detach(),
+            "gamma": gamma.detach().reshape(()),
+        }
+        if text_to_image is not None:
+            parts["text_to_image"] = text_to_image.detach()
+        return loss, parts

@@ -1,0 +1,43 @@
+"""Worker for the 2-process test of PairedHALOLoss (gloo on CPU), started by torch.multiprocessing."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class PairModel(torch.nn.Module):
+    """Two linear towers and the loss (so DDP also averages gamma's gradient)."""
+
+    def __init__(self, loss):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Linear(6, 8)
+        self.text = torch.nn.Linear(5, 8)
+        self.loss = loss
+
+    def forward(self, x_img, x_txt, ids):
+        return self.loss(self.image(x_img), self.text(x_txt), ids)
+
+
+def global_batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])[:n]  # captions of the same image across ranks too
+    return torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g), ids
+
+
+def worker(rank, world_size, init_file, out_dir, symmetric):
+    from halo_embed.losses import PairedHALOLoss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = PairModel(PairedHALOLoss(8, num_candidates=8, symmetric=symmetric))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x_img, x_txt, ids = global_batch()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        loss = ddp(x_img[shard], x_txt[shard], ids[shard])
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
