@@ -10,12 +10,12 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = ["main"]
 
 #: subcommand -> module under halo_embed.commands (imported only when run)
-COMMANDS = {"demo": "demo", "score": "score"}
+COMMANDS = {"demo": "demo", "score": "score", "finetune": "finetune"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,22 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_handler(command: str, handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a subcommand; a user mistake becomes one line on stderr and exit status 2."""
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        if os.environ.get("HALO_EMBED_DEBUG"):
+            raise
+        print(f"halo-embed {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"halo-embed {command}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    try:
-        return int(args.handler(args) or 0)
-    except (ValueError, TypeError, OSError, ImportError) as error:
-        if os.environ.get("HALO_EMBED_DEBUG"):
-            raise
-        print(f"halo-embed {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"halo-embed {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_handler(args.command, args.handler, args)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ __all__ = [
     "mean_square",
     "mean_squared_distances",
     "pad_abstain_target",
-    "paired_shifted_logits",
     "radial_nll",
     "shifted_logits",
     "shifted_logits_from_sq_distances",
@@ -47,6 +46,7 @@ __all__ = [
     "target_radius_sq",
     "teacher_free_targets",
     "true_logits",
+    "unit_shell_logits",
     "with_abstain",
 ]
 
@@ -168,13 +168,21 @@ def shifted_logits_from_sq_distances(
     return gamma * (mean_square(embeddings) - sq_distances / emb_dims)
 
 
-def paired_shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor | float) -> Tensor:
-    """The shifted logit of each row's own centroid: ``(N, D), (N, D) -> (N,)``.
+def unit_shell_logits(mean_sq_distances: Tensor, gamma: Tensor | float) -> Tensor:
+    """The shifted logit a query on the unit shell (``|x|^2 / D = 1``) would have: ``g * (1 - |x - c|^2 / D)``.
 
-    ``g * (|x_i|^2 - |x_i - c_i|^2) / D``, the diagonal of :func:`shifted_logits`
-    without the ``N x N`` matrix (scoring given pairs).
+    HALO's abstain bias is derived for embeddings of unit mean square (the
+    ``t_ideal`` of :func:`abstain_bias`), which is where the feature adapter
+    puts them at the start of training. Comparing this logit with the abstain
+    bias judges a *pair* by its distance alone: the decision no longer
+    depends on how far the query itself has drifted from the origin, which the
+    ``K + 1`` softmax uses to say whether the query is in-distribution at all.
+
+    Args:
+        mean_sq_distances: ``|x - c|^2 / D``, any shape.
+        gamma: effective temperature.
     """
-    return (gamma * (mean_square(embeddings) - mean_square(embeddings - centroids))).squeeze(-1)
+    return gamma * (1.0 - mean_sq_distances)
 
 
 def true_logits(shifted: Tensor, embeddings: Tensor, gamma: Tensor) -> Tensor:

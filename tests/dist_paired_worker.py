@@ -26,12 +26,12 @@ def global_batch(n=8):
     return torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g), ids
 
 
-def worker(rank, world_size, init_file, out_dir, symmetric):
+def worker(rank, world_size, init_file, out_dir, loss_kwargs):
     from halo_embed.losses import PairedHALOLoss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = PairModel(PairedHALOLoss(8, num_candidates=8, symmetric=symmetric))
+        model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         x_img, x_txt, ids = global_batch()
         shard = slice(rank * 4, (rank + 1) * 4)

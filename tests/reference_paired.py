@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_paired_loss(images, texts, ids, gamma_raw, num_candidates, ls=0.1, distill=True, symmetric=True):
+def reference_paired_loss(images, texts, ids, gamma_raw, num_candidates, ls=0.1, distill=True, symmetric=True,
+                          rejection_weight=0.0, norm_weight=0.0):
     d = images.shape[1]
     g = F.softplus(gamma_raw).reshape(())
     r_target = 1 - 2 / d
@@ -41,4 +42,20 @@ def reference_paired_loss(images, texts, ids, gamma_raw, num_candidates, ls=0.1,
         ce = i2t
     vc = 0.5 - 1 / d
     radial = sum(-(vc * torch.log(((images[i] - texts[i]) ** 2).mean()) - 0.5 * ((images[i] - texts[i]) ** 2).mean()) for i in range(n)) / n
-    return ce + radial
+    total = ce + radial
+
+    def absent_positive(x, candidates, positive):
+        # only the wrong candidates and the sink; the sink is the target
+        true = torch.stack([-g * ((x - c) ** 2).sum() / d for c, p in zip(candidates, positive) if not p])
+        sink = bias - g * (x**2).sum() / d
+        return -torch.log_softmax(torch.cat([true, sink.reshape(1)]), 0)[-1]
+
+    if rejection_weight:
+        rej = sum(absent_positive(images[i], texts, ids == ids[i]) for i in range(n)) / n
+        if symmetric:
+            rej = 0.5 * (rej + sum(absent_positive(texts[j], images, ids == ids[j]) for j in range(n)) / n)
+        total = total + rejection_weight * rej
+    if norm_weight:
+        ms = [(v**2).mean() for v in list(images) + list(texts)]
+        total = total + norm_weight * sum(-(vc * torch.log(m) - 0.5 * m) for m in ms) / len(ms)
+    return total

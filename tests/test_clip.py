@@ -137,7 +137,7 @@ def test_scorer_scores_ranks_and_agrees_with_geometry(tiny_backbone, tmp_path):
     images = shape_images(4, seed=9)
     scores = scorer.score(images, CAPTIONS[:4])
     img, txt = scorer.encode_images(images), scorer.encode_texts(CAPTIONS[:4])
-    expected_logit = model.gamma * (img.pow(2).mean(1) - (img - txt).pow(2).mean(1))
+    expected_logit = model.gamma * (1 - (img - txt).pow(2).mean(1))  # the image on the unit shell
     torch.testing.assert_close(scores.logit, expected_logit.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores.probability, torch.sigmoid(scores.logit - model.abstain_bias))
     assert torch.equal(scores.accept, scores.logit >= model.abstain_bias)
@@ -146,6 +146,9 @@ def test_scorer_scores_ranks_and_agrees_with_geometry(tiny_backbone, tmp_path):
     assert torch.equal(ranking.result.indices, torch_ranking.result.indices)
     shifted = geometry.shifted_logits(img, scorer.encode_texts(CAPTIONS), model.gamma.detach())
     assert torch.equal(ranking.result.indices[:, 0], shifted.argmax(1))
+    # rank's abstain decision is score()'s decision for the best caption
+    best = scorer.score(images, [CAPTIONS[i] for i in ranking.result.indices[:, 0].tolist()])
+    assert torch.equal(ranking.result.abstained, ~best.accept)
     records = ranking.to_records()
     assert len(records) == 4 and len(records[0]["top"]) == 3 and records[0]["top"][0]["candidate"] in CAPTIONS
     by_image = scorer.rank_images(CAPTIONS[:2], images, k=2)

@@ -17,16 +17,20 @@ def features(n=10, d=8, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("distill", [True, False])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("with_ids", [True, False])
-def test_matches_slow_per_sample_reference(distill, symmetric, with_ids):
+@pytest.mark.parametrize("extras", [(0.0, 0.0), (0.7, 0.3)])
+def test_matches_slow_per_sample_reference(distill, symmetric, with_ids, extras):
     images, texts = features()
     ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6]) if with_ids else torch.arange(10)
-    loss_fn = PairedHALOLoss(8, num_candidates=10, symmetric=symmetric, distill=distill).double()
+    rejection_weight, norm_weight = extras
+    loss_fn = PairedHALOLoss(8, num_candidates=10, symmetric=symmetric, distill=distill,
+                             rejection_weight=rejection_weight, norm_weight=norm_weight).double()
     a_img, a_txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
     ours = loss_fn(a_img, a_txt, ids if with_ids else None)
     ours.backward()
     gamma = loss_fn.gamma.detach().clone().requires_grad_(True)
     b_img, b_txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
-    ref = reference_paired_loss(b_img, b_txt, ids, gamma, 10, distill=distill, symmetric=symmetric)
+    ref = reference_paired_loss(b_img, b_txt, ids, gamma, 10, distill=distill, symmetric=symmetric,
+                                rejection_weight=rejection_weight, norm_weight=norm_weight)
     ref.backward()
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a_img.grad, b_img.grad, rtol=1e-9, atol=1e-12)
@@ -77,13 +81,15 @@ def test_validation(args, error, match):
         PairedHALOLoss(8, num_candidates=1)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_two_processes_equal_one_process(tmp_path, symmetric):
+@pytest.mark.parametrize(
+    "loss_kwargs", [{}, {"symmetric": False}, {"rejection_weight": 0.5, "norm_weight": 0.5}], ids=["symmetric", "one-way", "extras"]
+)
+def test_two_processes_equal_one_process(tmp_path, loss_kwargs):
     """2 gloo processes on shards == 1 process on the global batch: loss (mean over ranks) and DDP gradients."""
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), symmetric), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss_kwargs), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    model = PairModel(PairedHALOLoss(8, num_candidates=8, symmetric=symmetric))
+    model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs))
     x_img, x_txt, ids = global_batch()
     loss = model(x_img, x_txt, ids)
     loss.backward()

@@ -115,3 +115,29 @@ def test_rejection_index_matches_the_halo_head(backend):
     top2 = RejectionIndex(centroids, 3.0, 0.5, backend=backend).search(queries, k=2)
     assert top2.probs.shape == (10, 3) and torch.equal(top2.indices, found.indices[:, :2])
     assert torch.equal(top2.abstained, found.abstained)
+
+
+def test_recall_with_shared_image_ids():
+    """Class-name captions: many images share one caption; a hit is a caption of the image's class."""
+    g = torch.Generator().manual_seed(7)
+    class_captions = torch.randn(4, 8, generator=g) * 3
+    labels = torch.arange(4).repeat(10)
+    images = class_captions[labels] + torch.randn(40, 8, generator=g)
+    labels[0] = (labels[0] + 1) % 4  # one image labelled with the wrong class: a miss
+    r = retrieval_recall(images, class_captions, torch.arange(4), ks=(1,), image_ids=labels)
+    nearest = torch.cdist(images, class_captions).argmin(1)
+    assert r["image_to_text_R@1"] == pytest.approx((nearest == labels).double().mean().item())
+    with pytest.raises(ValueError, match=r"10 image\(s\) have no caption"):
+        retrieval_recall(images, class_captions, torch.arange(4), image_ids=torch.where(labels == 3, 9, labels))
+
+
+def test_rejection_index_unit_shell_mode():
+    g = torch.Generator().manual_seed(8)
+    centroids = torch.randn(6, 16, generator=g)
+    queries = 3 * torch.randn(5, 16, generator=g)  # far from the unit shell
+    found = RejectionIndex(centroids, 2.0, -1.0, backend="torch", query_norm="unit").search(queries, k=6)
+    distances = torch.gather(torch.cdist(queries, centroids) ** 2 / 16, 1, found.indices)
+    torch.testing.assert_close(found.logits, 2.0 * (1 - distances), rtol=1e-4, atol=1e-4)
+    assert torch.equal(found.abstained, found.logits.max(1).values < -1.0)
+    with pytest.raises(ValueError, match="query_norm must be one of"):
+        RejectionIndex(centroids, 2.0, -1.0, query_norm="norm")

@@ -22,6 +22,19 @@ __all__ = ["FAMILIES", "CLIPBackbone", "HFCLIPBackbone", "OpenCLIPBackbone", "lo
 
 FAMILIES = ("open_clip", "transformers")
 
+#: Architectures halo-embed registers with open_clip (random init; for offline runs and the demo).
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+def register_open_clip_configs(extra: str | Path | None = None) -> None:
+    """Make halo-embed's built-in architectures (and an optional config JSON) known to open_clip."""
+    import open_clip
+
+    if str(BUILTIN_CONFIGS) not in {str(p) for p in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", [])}:
+        open_clip.add_model_config(BUILTIN_CONFIGS)
+    if extra is not None:
+        open_clip.add_model_config(Path(extra))
+
 Tokens = Any  # a LongTensor (open_clip) or a dict of tensors (transformers)
 
 
@@ -68,6 +81,11 @@ class CLIPBackbone(nn.Module):
     def save_files(self, directory: Path) -> None:
         """Write the files the rebuild needs besides weights (configs, tokenizer)."""
 
+    def contrastive_parameters(self) -> list[nn.Parameter]:
+        """CLIP's own temperature (and SigLIP's bias): used by the contrastive losses, not by HALO."""
+        return [p for name in ("logit_scale", "logit_bias")
+                if isinstance(p := getattr(self.model, name, None), nn.Parameter)]
+
 
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
@@ -81,7 +99,9 @@ class OpenCLIPBackbone(CLIPBackbone):
     ``open_clip.create_model_and_transforms(model_name, pretrained=...)``:
     ``pretrained`` is a tag (downloads) or a local checkpoint file;
     ``model_name`` may be a built-in architecture, ``hf-hub:org/repo`` or
-    ``local-dir:/path`` (a folder with ``open_clip_config.json`` and weights).
+    ``local-dir:/path`` (a folder with ``open_clip_config.json`` and weights),
+    halo-embed's built-in ``halo-tiny-vit`` (random init), or the path of an
+    open_clip model-config JSON file (registered under its file name).
     """
 
     family = "open_clip"
@@ -102,6 +122,11 @@ class OpenCLIPBackbone(CLIPBackbone):
     def from_pretrained(cls, model_name: str, pretrained: str | None = None, **kwargs: Any) -> "OpenCLIPBackbone":
         import open_clip
 
+        if model_name.endswith(".json") and Path(model_name).is_file():
+            register_open_clip_configs(model_name)
+            model_name = Path(model_name).stem
+        else:
+            register_open_clip_configs()
         model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:

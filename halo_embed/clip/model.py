@@ -28,7 +28,8 @@ class HALOCLIP(nn.Module):
         num_candidates: the global training batch size (sets the abstain bias,
             see :class:`~halo_embed.losses.PairedHALOLoss`).
         loss_kwargs: further :class:`PairedHALOLoss` arguments
-            (``symmetric``, ``distill``, ``label_smoothing``, ``learn_gamma``).
+            (``symmetric``, ``distill``, ``label_smoothing``, ``learn_gamma``,
+            ``rejection_weight``, ``norm_weight``).
     """
 
     def __init__(self, backbone: CLIPBackbone, num_candidates: int, **loss_kwargs: Any) -> None:
@@ -36,6 +37,9 @@ class HALOCLIP(nn.Module):
         if not isinstance(backbone, CLIPBackbone):
             raise TypeError(f"backbone must be a CLIPBackbone, got {type(backbone).__name__}")
         self.backbone = backbone
+        # HALO's gamma replaces CLIP's logit scale; frozen, it also leaves DDP no unused parameter
+        for param in backbone.contrastive_parameters():
+            param.requires_grad_(False)
         self.adapter = FeatureAdapter(backbone.embed_dim)
         self.loss = PairedHALOLoss(backbone.embed_dim, num_candidates, **loss_kwargs)
 
@@ -60,6 +64,8 @@ class HALOCLIP(nn.Module):
             "learn_gamma": loss.learn_gamma,
             "distill": loss.distill,
             "label_smoothing": loss.label_smoothing,
+            "rejection_weight": loss.rejection_weight,
+            "norm_weight": loss.norm_weight,
         }
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:

@@ -4,13 +4,22 @@
     scorer.score(["dog.jpg"], ["a dog runs on the grass"])     # probability + accept/reject
     scorer.rank(["dog.jpg"], captions, k=5)                   # top-5 captions, or "none of these"
 
-The captions act as centroids for the images (as in training): for an image
-``x`` and a caption ``t`` the HALO logit is ``g (|x|^2 - |x - t|^2) / D`` and
-the abstain sink's is the model's fixed ``abstain_bias``. The probability that
-they belong together is the two-candidate softmax ``sigmoid(logit - bias)``
-and the pair is accepted when the caption beats the sink, the same rule the
-model was trained with. :meth:`AlignmentScorer.rank` scores a query against
-many candidates through :class:`~halo_embed.eval.RejectionIndex` (FAISS).
+The captions act as centroids for the images, as in training, and the abstain
+sink competes with them. A pair is judged by HALO's two-candidate softmax
+``[caption, sink]`` for the image placed on the unit shell (``|x|^2 / D = 1``,
+where HALO's abstain bias is calibrated and where the adapter puts embeddings):
+
+    logit       = g * (1 - |x - t|^2 / D)          (geometry.unit_shell_logits)
+    probability = sigmoid(logit - abstain_bias)
+    accept      = logit >= abstain_bias            (probability >= 0.5)
+
+Normalising the image's own norm out makes the decision depend on the pair's
+distance only. With the image's actual norm (the ``K + 1`` softmax of training)
+a large-norm image would accept almost any caption: measured on the built-in
+data's development split, the per-pair AUROC of mismatched captions fell from
+99.1 to 88.8 and the built-in threshold's accuracy from 95.2 to 77.2 (README).
+:meth:`AlignmentScorer.rank` scores a query against many candidates through
+:class:`~halo_embed.eval.RejectionIndex` (FAISS) with the same rule.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ class PairScores:
     Attributes:
         probability: ``(N,)`` p(the caption belongs to the image), ``sigmoid(logit - abstain_bias)``.
         accept: ``(N,)`` bool, the caption beats the abstain sink (``probability >= 0.5``).
-        logit: ``(N,)`` the caption's HALO logit for the image.
+        logit: ``(N,)`` the caption's HALO logit for the image on the unit shell.
         abstain_bias: the sink's logit (the built-in threshold on ``logit``).
     """
 
@@ -156,7 +165,8 @@ class AlignmentScorer:
             raise ValueError(
                 f"one text per image: got {image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts"
             )
-        logit = geometry.paired_shifted_logits(image_embeddings, text_embeddings, self.gamma)
+        distances = geometry.mean_square(image_embeddings - text_embeddings).squeeze(-1)
+        logit = geometry.unit_shell_logits(distances, self.gamma)
         probability = torch.sigmoid(logit - self.abstain_bias)
         accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
         return PairScores(probability, accept, logit, self.abstain_bias)
@@ -170,13 +180,15 @@ class AlignmentScorer:
     def rank(self, images: Sequence[Any] | Tensor, candidate_texts: Sequence[str], k: int = 5,
              backend: str = "faiss") -> Ranking:
         """For each image, the top-``k`` captions among ``candidate_texts``, or abstention."""
-        index = RejectionIndex(self.encode_texts(candidate_texts), self.gamma, self.abstain_bias, backend=backend)
+        index = RejectionIndex(self.encode_texts(candidate_texts), self.gamma, self.abstain_bias, backend=backend,
+                               query_norm="unit")
         return Ranking(index.search(self.encode_images(images), k), list(candidate_texts))
 
     def rank_images(self, texts: Sequence[str], candidate_images: Sequence[Any] | Tensor, k: int = 5,
                     backend: str = "faiss", candidate_names: Sequence[Any] | None = None) -> Ranking:
         """For each text, the top-``k`` images among ``candidate_images`` (images as centroids), or abstention."""
-        index = RejectionIndex(self.encode_images(candidate_images), self.gamma, self.abstain_bias, backend=backend)
+        index = RejectionIndex(self.encode_images(candidate_images), self.gamma, self.abstain_bias, backend=backend,
+                               query_norm="unit")
         names = list(candidate_names) if candidate_names is not None else (
             [str(c) for c in candidate_images] if not isinstance(candidate_images, Tensor) else list(range(len(candidate_images)))
         )

@@ -190,6 +190,7 @@ def retrieval_recall(
     kind: str = "flat",
     *,
     exact_check_queries: int = 1000,
+    image_ids: Tensor | None = None,
     **index_options: Any,
 ) -> dict[str, float]:
     """Recall@k in both directions for image-text data with several captions per image.
@@ -197,7 +198,11 @@ def retrieval_recall(
     Args:
         image_embeddings: ``(N_img, D)``, row ``i`` is image ``i``.
         text_embeddings: ``(N_txt, D)``.
-        text_image_ids: ``(N_txt,)`` long, the image each caption describes.
+        text_image_ids: ``(N_txt,)`` long, the image each caption describes
+            (its row, or its entry in ``image_ids``).
+        image_ids: ``(N_img,)`` optional id of each image row (default
+            ``arange(N_img)``). Rows may share an id, e.g. the class for
+            class-name captions: a retrieved item is a hit when its id matches.
         ks: the cut-offs.
         metric: ``"l2"`` (HALO's ranking) or ``"cosine"`` (CLIP's).
         backend / kind / index_options: see :class:`VectorIndex`.
@@ -227,10 +232,15 @@ def retrieval_recall(
         )
     ids = ids.long().cpu()
     n_img = images.shape[0]
-    if ids.min() < 0 or ids.max() >= n_img:
-        raise ValueError(f"text_image_ids must be in [0, {n_img}), got min {int(ids.min())}, max {int(ids.max())}")
-    captioned = torch.zeros(n_img, dtype=torch.bool)
-    captioned[ids] = True
+    if image_ids is None:
+        if ids.min() < 0 or ids.max() >= n_img:
+            raise ValueError(f"text_image_ids must be in [0, {n_img}), got min {int(ids.min())}, max {int(ids.max())}")
+        row_ids = torch.arange(n_img)
+    else:
+        row_ids = check_tensor("image_ids", image_ids, ndim=1, integer=True).long().cpu()
+        if row_ids.shape[0] != n_img:
+            raise ValueError(f"image_ids must have one id per image, shape ({n_img},), got {tuple(row_ids.shape)}")
+    captioned = torch.isin(row_ids, ids)
     if not captioned.all():
         raise ValueError(f"{int((~captioned).sum())} image(s) have no caption in text_image_ids")
     ks = tuple(check_int("ks", k, minimum=1) for k in ks)
@@ -240,8 +250,8 @@ def retrieval_recall(
 
     results: dict[str, float] = {}
     directions = (
-        ("image_to_text", images, texts, lambda nbrs, rows: ids[nbrs] == rows[:, None]),
-        ("text_to_image", texts, images, lambda nbrs, rows: nbrs == ids[rows][:, None]),
+        ("image_to_text", images, texts, lambda nbrs, rows: ids[nbrs] == row_ids[rows][:, None]),
+        ("text_to_image", texts, images, lambda nbrs, rows: row_ids[nbrs] == ids[rows][:, None]),
     )
     for name, queries, gallery, is_hit in directions:
         index = VectorIndex(gallery, metric, backend, kind, **index_options)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import geometry
-from .._validation import check_float
+from .._validation import check_choice, check_float
 from .retrieval import VectorIndex
 
 __all__ = ["RejectionIndex", "RejectionResult"]
@@ -53,6 +53,12 @@ class RejectionIndex:
         candidates: ``(K, D)`` embeddings that act as centroids.
         gamma: the effective temperature ``softplus(raw_gamma)``.
         abstain_bias: the abstain logit.
+        query_norm: ``"actual"`` (default): the logits of HALO's ``K + 1``
+            softmax, ``g (|x|^2 - |x - c|^2) / D``, so a query near the origin
+            abstains; ``"unit"``: the logits of the query placed on the unit
+            shell, ``g (1 - |x - c|^2 / D)`` (:func:`~halo_embed.geometry.unit_shell_logits`),
+            so the decision depends on the distances only (what the alignment
+            scorer uses for pairs).
         backend / kind / options: the L2 index, see
             :class:`~halo_embed.eval.retrieval.VectorIndex`.
     """
@@ -64,6 +70,7 @@ class RejectionIndex:
         abstain_bias: float | Tensor,
         backend: str = "faiss",
         kind: str = "flat",
+        query_norm: str = "actual",
         **options,
     ) -> None:
         self.gamma = check_float("gamma", float(gamma.detach()) if isinstance(gamma, Tensor) else gamma)
@@ -72,6 +79,7 @@ class RejectionIndex:
         self.abstain_bias = check_float(
             "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
         )
+        self.query_norm = check_choice("query_norm", query_norm, ("actual", "unit"))
         self.index = VectorIndex(candidates, "l2", backend, kind, **options)
 
     def __len__(self) -> int:
@@ -87,7 +95,10 @@ class RejectionIndex:
         """
         found = self.index.search(queries, k)
         queries = queries.detach().float().cpu()
-        logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.gamma)
+        if self.query_norm == "actual":
+            logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.gamma)
+        else:
+            logits = geometry.unit_shell_logits(found.scores / queries.shape[1], self.gamma)
         probs = torch.softmax(geometry.with_abstain(logits, self.abstain_bias), dim=-1)
         abstained = geometry.abstain_mask(logits, self.abstain_bias)
         return RejectionResult(found.indices, logits, probs, abstained)

@@ -38,6 +38,17 @@ class PairedHALOLoss(nn.Module):
             threshold the model was trained against.
         symmetric: also score each caption against the batch's images (default).
         learn_gamma / distill / label_smoothing: as in :class:`~halo_embed.HALOLoss`.
+        rejection_weight: weight of the *absent-positive* term (an extension of
+            HALO, 0 = off): each query is also scored against the batch's
+            candidates **without** its positives, plus the sink, with the sink
+            as the target, ``log(1 + sum_neg exp(logit - abstain_bias))``. It
+            teaches the built-in threshold that a query whose right answer is
+            missing belongs to the sink.
+        norm_weight: weight of a radial NLL on each embedding's mean square
+            ``|x|^2 / D`` (a "soap bubble" around the origin, 0 = off). HALO's
+            abstain bias assumes ``|x|^2 / D`` near 1; without this the loss can
+            inflate the norms to starve the sink, which moves the built-in
+            threshold.
 
     Distributed: inside an initialised process group (``accelerate launch``,
     ``torchrun``) the features of all ranks are gathered **with gradients** and
@@ -62,6 +73,8 @@ class PairedHALOLoss(nn.Module):
         learn_gamma: bool = True,
         distill: bool = True,
         label_smoothing: float = 0.1,
+        rejection_weight: float = 0.0,
+        norm_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
@@ -72,6 +85,8 @@ class PairedHALOLoss(nn.Module):
         self.label_smoothing = check_float(
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
+        self.rejection_weight = check_float("rejection_weight", rejection_weight, minimum=0.0)
+        self.norm_weight = check_float("norm_weight", norm_weight, minimum=0.0)
         self.abstain_bias = geometry.abstain_bias(self.emb_dims, self.num_candidates, self.label_smoothing)
         gamma_start = geometry.inverse_softplus(geometry.initial_gamma(self.emb_dims))
         self.gamma = nn.Parameter(
@@ -87,6 +102,7 @@ class PairedHALOLoss(nn.Module):
         return (
             f"emb_dims={self.emb_dims}, num_candidates={self.num_candidates}, symmetric={self.symmetric}, "
             f"distill={self.distill}, label_smoothing={self.label_smoothing}, "
+            f"rejection_weight={self.rejection_weight}, norm_weight={self.norm_weight}, "
             f"abstain_bias={self.abstain_bias:.4f}"
         )
 
@@ -154,25 +170,38 @@ class PairedHALOLoss(nn.Module):
             is_positive = local_ids[:, None] == all_ids[None, :]
             gamma = geometry.effective_gamma(self.gamma.to(dtype))
 
-            def direction(queries: Tensor, candidates: Tensor) -> Tensor:
+            def direction(queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor | None]:
                 shifted = geometry.shifted_logits(queries, candidates, gamma)
                 ce, _ = halo_cross_entropy(
                     shifted, queries, gamma, self.abstain_bias, is_positive, self.label_smoothing, self.distill
                 )
-                return ce
+                if not self.rejection_weight:
+                    return ce, None
+                # the right answer is absent: the sink must win against every negative
+                negatives = geometry.with_abstain(shifted.masked_fill(is_positive, float("-inf")), self.abstain_bias)
+                return ce, (torch.logsumexp(negatives, dim=-1) - self.abstain_bias).mean()
 
-            image_to_text = direction(images, all_texts)
-            text_to_image = direction(texts, all_images) if self.symmetric else None
+            image_to_text, reject_i2t = direction(images, all_texts)
+            text_to_image, reject_t2i = direction(texts, all_images) if self.symmetric else (None, None)
             ce = image_to_text if text_to_image is None else 0.5 * (image_to_text + text_to_image)
             r_sq = (images - texts).pow(2).mean(dim=-1)
             radial = geometry.radial_nll(r_sq, self.emb_dims).mean()
             loss = ce + radial
+            extra: dict[str, Tensor] = {}
+            if reject_i2t is not None:
+                extra["rejection"] = reject_i2t if reject_t2i is None else 0.5 * (reject_i2t + reject_t2i)
+                loss = loss + self.rejection_weight * extra["rejection"]
+            if self.norm_weight:
+                norms = torch.cat([geometry.mean_square(images), geometry.mean_square(texts)]).squeeze(-1)
+                extra["norm"] = geometry.radial_nll(norms, self.emb_dims).mean()
+                loss = loss + self.norm_weight * extra["norm"]
         if not return_parts:
             return loss
         parts = {
             "image_to_text": image_to_text.detach(),
             "radial": radial.detach(),
             "gamma": gamma.detach().reshape(()),
+            **{name: value.detach() for name, value in extra.items()},
         }
         if text_to_image is not None:
             parts["text_to_image"] = text_to_image.detach()

@@ -1,0 +1,259 @@
+"""Evaluate an image-text model: retrieval both ways, and rejection of mismatched pairs.
+
+The same protocol for HALO and for the contrastive baselines, through a *view*
+that says how a model embeds and scores a pair:
+
+- :class:`HALOView`: adapted embeddings, L2 retrieval (HALO's logit ranking),
+  pair score = the caption's HALO logit for the image on the unit shell
+  (:func:`~halo_embed.geometry.unit_shell_logits`), built-in decision =
+  score >= abstain bias (the rule of :class:`~halo_embed.clip.AlignmentScorer`).
+- :class:`CosineView`: L2-normalised embeddings, cosine retrieval and score
+  (CLIP); with a logit bias (SigLIP) also its built-in decision
+  ``scale * cos + bias >= 0``.
+
+Rejection sets: each evaluation image with its own caption (aligned) against
+the same image with another image's caption (shuffled), with its caption with
+one attribute changed (hard negatives, when the data define them) and
+out-of-distribution images with any caption. Thresholds: every pair set is
+split by position into a *tune* half (even) and a *report* half (odd); a tuned
+threshold is chosen on the tune half and every accuracy is measured on the
+report half (balanced accuracy: mean of aligned accepted and mismatched rejected).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import geometry
+from ..eval import best_threshold, ood_metrics, retrieval_recall, threshold_accuracy
+
+__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "evaluate_alignment"]
+
+
+class HALOView:
+    """How a :class:`~halo_embed.clip.HALOCLIP` embeds and scores pairs."""
+
+    metric = "l2"
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.backbone = model.backbone
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        return self.model.encode_image(pixels)
+
+    def encode_texts(self, tokens: Any) -> Tensor:
+        return self.model.encode_text(tokens)
+
+    def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
+        return geometry.unit_shell_logits(geometry.mean_square(images - texts).squeeze(-1),
+                                          float(self.model.gamma.detach()))
+
+    def builtin_threshold(self) -> float | None:
+        """Accept a pair when its score is at least this (the abstain bias)."""
+        return float(self.model.abstain_bias)
+
+
+class CosineView:
+    """How a contrastive CLIP (or SigLIP, with ``logit_bias``) embeds and scores pairs."""
+
+    metric = "cosine"
+
+    def __init__(self, backbone, logit_scale: Tensor | None = None, logit_bias: Tensor | None = None) -> None:
+        self.backbone = backbone
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+
+    def encode_texts(self, tokens: Any) -> Tensor:
+        return torch.nn.functional.normalize(self.backbone.encode_text(tokens).float(), dim=-1)
+
+    def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
+        return (images * texts).sum(-1)
+
+    def builtin_threshold(self) -> float | None:
+        if self.logit_bias is None or self.logit_scale is None:
+            return None  # CLIP has no decision rule: a threshold must be tuned
+        # sigmoid(scale * cos + bias) >= 0.5  <=>  cos >= -bias / scale
+        return float(-self.logit_bias.detach() / self.logit_scale.detach().exp())
+
+
+@dataclass
+class AlignmentEvalData:
+    """Everything the evaluation embeds, de-duplicated.
+
+    Attributes:
+        images: unique evaluation images (PIL); ``image_groups`` their positive groups.
+        texts: unique captions; ``text_groups`` the group each describes
+            (``-1`` for hard-negative captions, which describe no image).
+        retrieval_texts: indices into ``texts`` used as the retrieval gallery.
+        pair_sets: name -> ``(image refs, text indices)`` where an image ref is
+            ``("eval", i)`` or ``(ood set name, i)``.
+        ood_images: name -> list of PIL images.
+    """
+
+    images: list[Any]
+    image_groups: Tensor
+    texts: list[str]
+    text_groups: Tensor
+    retrieval_texts: list[int]
+    pair_sets: dict[str, tuple[list[tuple[str, int]], list[int]]]
+    ood_images: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def build_eval_data(
+    source: Any,
+    max_images: int = 500,
+    seed: int = 0,
+    ood: dict[str, Any] | None = None,
+    hard_negative: Callable[[int, random.Random], str | None] | None = None,
+) -> AlignmentEvalData:
+    """Evaluation sets from a pair source (see :mod:`halo_embed.data.pairs`).
+
+    Args:
+        source: evaluation pairs ``(image, caption, group)``; an optional
+            ``image_key(i)`` method identifies images shared by several pairs
+            (default: the group).
+        max_images: at most this many unique images (a seeded random subset).
+        ood: name -> indexable of OOD images (e.g. :class:`ImageCollection`);
+            up to ``max_images`` of each are paired with random captions.
+        hard_negative: ``(pair index, rng) -> caption`` with one attribute changed
+            (e.g. :meth:`ShapesDataset.hard_negative`).
+    """
+    rng = random.Random(seed)
+    order = list(range(len(source)))
+    rng.shuffle(order)
+    key_of = getattr(source, "image_key", None)
+    first_pair: dict[Any, int] = {}
+    for index in order:
+        key = key_of(index) if key_of else source.text_and_group(index)[1]
+        if key not in first_pair:
+            first_pair[key] = index
+            if len(first_pair) >= max_images:
+                break
+    chosen = list(first_pair.values())
+    images, image_groups, captions = [], [], []
+    for index in chosen:
+        image, caption, group = source[index]
+        images.append(image)
+        image_groups.append(int(group))
+        captions.append(caption)
+    groups = set(image_groups)
+    # every caption of the chosen groups is in the retrieval gallery
+    all_captions = [(c, int(g)) for c, g in map(source.text_and_group, range(len(source))) if int(g) in groups]
+    texts: list[str] = []
+    text_groups: list[int] = []
+    text_index: dict[tuple[str, int], int] = {}
+
+    def text_id(caption: str, group: int) -> int:
+        key = (caption, group)
+        if key not in text_index:
+            text_index[key] = len(texts)
+            texts.append(caption)
+            text_groups.append(group)
+        return text_index[key]
+
+    for caption, group in all_captions:
+        text_id(caption, group)
+    retrieval_texts = list(range(len(texts)))
+    aligned = [text_id(c, g) for c, g in zip(captions, image_groups)]
+    eval_refs = [("eval", i) for i in range(len(chosen))]
+    pair_sets = {"aligned": (eval_refs, aligned)}
+    shuffled = []
+    for i, group in enumerate(image_groups):
+        others = [j for j in range(len(chosen)) if image_groups[j] != group]
+        if not others:
+            raise ValueError("the evaluation data need images of at least two groups to build mismatched pairs")
+        j = rng.choice(others)
+        shuffled.append(aligned[j])
+    pair_sets["shuffled"] = (eval_refs, shuffled)
+    if hard_negative is not None:
+        hard = [hard_negative(index, rng) for index in chosen]
+        keep = [i for i, caption in enumerate(hard) if caption]
+        pair_sets["hard negatives"] = ([eval_refs[i] for i in keep], [text_id(hard[i], -1) for i in keep])
+    ood_images = {}
+    for name, collection in (ood or {}).items():
+        count = min(len(collection), max_images)
+        ood_images[name] = [collection[i] for i in range(count)]
+        pair_sets[f"OOD: {name}"] = ([(name, i) for i in range(count)], [rng.choice(aligned) for _ in range(count)])
+    return AlignmentEvalData(
+        images, torch.tensor(image_groups), texts, torch.tensor(text_groups), retrieval_texts, pair_sets, ood_images
+    )
+
+
+@torch.no_grad()
+def _embed_images(view, images: Sequence[Any], transform: Callable, device, batch_size: int) -> Tensor:
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(im.convert("RGB") if hasattr(im, "convert") else im)
+                              for im in images[start : start + batch_size]])
+        out.append(view.encode_images(pixels.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _embed_texts(view, texts: Sequence[str], device, batch_size: int) -> Tensor:
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = view.backbone.tokenize(list(texts[start : start + batch_size]))
+        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        out.append(view.encode_texts(tokens).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device = "cpu",
+                       batch_size: int = 128) -> dict[str, Any]:
+    """Retrieval and rejection metrics of one model on :class:`AlignmentEvalData`.
+
+    Returns a dict with ``retrieval`` (R@1/5/10 both ways), ``rejection``
+    (per negative set and pooled ``all mismatched``: :func:`ood_metrics` plus
+    threshold accuracies on the report half: ``builtin_threshold_accuracy``
+    where the model has a decision rule, ``tuned_threshold_accuracy`` with the
+    threshold chosen on the tune half), and ``scores`` (per set, for plots).
+    """
+    from ..data.images import load_image
+
+    transform = view.backbone.image_transform(train=False)
+    load = lambda items: [load_image(i) if not hasattr(i, "convert") else i for i in items]  # noqa: E731
+    image_emb = _embed_images(view, load(data.images), transform, device, batch_size)
+    text_emb = _embed_texts(view, data.texts, device, batch_size)
+    ood_emb = {name: _embed_images(view, imgs, transform, device, batch_size) for name, imgs in data.ood_images.items()}
+
+    retrieval = retrieval_recall(
+        image_emb, text_emb[data.retrieval_texts], data.text_groups[data.retrieval_texts],
+        metric=view.metric, image_ids=data.image_groups,
+    )
+
+    scores: dict[str, np.ndarray] = {}
+    for name, (image_refs, text_ids) in data.pair_sets.items():
+        imgs = torch.stack([image_emb[i] if source == "eval" else ood_emb[source][i] for source, i in image_refs])
+        scores[name] = view.pair_scores(imgs, text_emb[text_ids]).numpy()
+    builtin = view.builtin_threshold()
+    aligned = scores["aligned"]
+    negative_sets = {name: s for name, s in scores.items() if name != "aligned"}
+    negative_sets["all mismatched"] = np.concatenate(list(negative_sets.values()))
+    rejection = {}
+    for name, negatives in negative_sets.items():
+        metrics: dict[str, Any] = ood_metrics(aligned, negatives)
+        threshold, _ = best_threshold(aligned[0::2], negatives[0::2])
+        metrics["tuned_threshold"] = threshold
+        metrics["tuned_threshold_accuracy"] = threshold_accuracy(aligned[1::2], negatives[1::2], threshold)
+        if builtin is not None:
+            metrics["builtin_threshold_accuracy"] = threshold_accuracy(aligned[1::2], negatives[1::2], builtin)
+            metrics["builtin_accept_aligned"] = float((aligned >= builtin).mean())
+            metrics["builtin_reject_mismatched"] = float((negatives < builtin).mean())
+        rejection[name] = metrics
+    return {
+        "retrieval": retrieval,
+        "rejection": rejection,
+        "builtin_threshold": builtin,
+        "scores": scores,
+        "embeddings": {"images": image_emb, "texts": text_emb, "image_groups": data.image_groups},
+    }
