@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@echo "results: benchmarks/results/*.json"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 __all__ = ["main"]
 
 #: subcommand -> module under halo_embed.commands (imported only when run)
-COMMANDS = {"demo": "demo", "score": "score", "finetune": "finetune"}
+COMMANDS = {"demo": "demo", "score": "score", "finetune": "finetune", "cifar": "cifar"}
 
 
 def build_parser() -> argparse.ArgumentParser:

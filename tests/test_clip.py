@@ -244,3 +244,10 @@ def test_cli_score_single_and_batch(tiny_model_dirs, tmp_path, run_cli):
     assert rows[0]["probability"] and rows[1]["probability"] == ""
     out_json = run_cli("score", "--checkpoint", str(ckpt), "--pairs", str(pairs), "--output", str(tmp_path / "out.json"))
     assert len(json.loads((tmp_path / "out.json").read_text())["pairs"]) == 5 and out_json.returncode == 1
+
+
+def test_adapter_refuses_identical_samples(tiny_backbone):
+    model = HALOCLIP(tiny_backbone, num_candidates=8)
+    same = torch.randn(1, tiny_backbone.embed_dim).repeat(6, 1)
+    with pytest.raises(ValueError, match=r"text_features are \(nearly\) identical"):
+        model.adapter.calibrate(torch.randn(6, tiny_backbone.embed_dim), same)

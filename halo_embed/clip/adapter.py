@@ -70,8 +70,11 @@ class FeatureAdapter(nn.Module):
             raise_if_any([(~torch.isfinite(x).all(), f"{modality}_features contains NaN or inf values")])
             center = x.mean(0)
             rms = (x - center).pow(2).mean().sqrt()
-            if rms <= 0:
-                raise ValueError(f"{modality}_features are all identical; cannot calibrate a scale")
+            if rms <= 1e-4 * max(1.0, float(center.abs().mean())):
+                raise ValueError(
+                    f"{modality}_features are (nearly) identical (RMS {float(rms):.3g} around the mean); calibrate "
+                    "on a random sample of the training data, not e.g. the first files of one class"
+                )
             getattr(self, f"{modality}_center").copy_(center)
             getattr(self, f"{modality}_scale").fill_(1.0 / rms)
             stats[f"{modality}_rms"] = float(rms)

@@ -168,6 +168,10 @@ class OpenCLIPBackbone(CLIPBackbone):
         inner = getattr(self._tokenizer, "tokenizer", None)
         if hasattr(inner, "save_pretrained"):  # an HF tokenizer behind open_clip
             inner.save_pretrained(directory / "tokenizer")
+        text_config = getattr(getattr(self.model, "text", None), "config", None)
+        if "hf_model_name" in self.model_cfg.get("text_cfg", {}) and hasattr(text_config, "save_pretrained"):
+            # an HF text tower: keep its config too, so the rebuild needs neither the hub nor the original folder
+            text_config.save_pretrained(directory / "tokenizer")
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any], directory: Path) -> "OpenCLIPBackbone":
@@ -175,8 +179,14 @@ class OpenCLIPBackbone(CLIPBackbone):
         from open_clip.model import get_model_preprocess_cfg
 
         source = f"local-dir:{directory}"
+        overrides = {}
+        saved_text = directory / "tokenizer"
+        text_cfg = open_clip.get_model_config(source).get("text_cfg", {})
+        if "hf_model_name" in text_cfg and (saved_text / "config.json").is_file():
+            overrides["text_cfg"] = {**text_cfg, "hf_model_name": str(saved_text), "hf_tokenizer_name": str(saved_text),
+                                     "hf_model_pretrained": False}
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            source, load_weights=False, pretrained_text=False, pretrained_image=False
+            source, load_weights=False, pretrained_text=False, pretrained_image=False, **overrides
         )
         model_cfg = open_clip.get_model_config(source)
         if (directory / "tokenizer").is_dir():

@@ -3,8 +3,9 @@
 ``ImageFolderPairs("cifar10/train", "a photo of a {}.")`` turns an ImageFolder
 layout (``<root>/<class>/*.jpg``) into image-caption pairs whose captions name
 the class; pairs of one class are each other's positives (their group is the
-class). ``ImageCollection`` reads unlabelled images from a folder (recursively)
-or from an ``.npz`` file with an ``x`` array ``(N, H, W[, 3])`` of uint8.
+class). ``ImageCollection`` reads unlabelled images from a folder (recursively),
+an ``.npz`` file with an ``x`` array ``(N, H, W[, 3])`` of uint8, or MNIST's
+idx format (an ``*-idx3-ubyte[.gz]`` file, or a folder holding one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMAGE_SUFFIXES", "ImageCollection", "ImageFolderPairs", "class_folders"]
+__all__ = ["IMAGE_SUFFIXES", "ImageCollection", "ImageFolderPairs", "class_folders", "read_idx_images"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -87,7 +88,12 @@ class ImageCollection:
         self.path = path
         self._files: list[Path] | None = None
         self._array: Any = None
-        if path.is_dir():
+        idx = sorted(path.glob("*-idx3-ubyte*")) if path.is_dir() else []
+        if idx and not _image_files(path):
+            path = idx[0]
+        if path.is_file() and "-idx3-ubyte" in path.name:
+            self._array = read_idx_images(path)[:limit]
+        elif path.is_dir():
             self._files = _image_files(path)[:limit]
             if not self._files:
                 raise ValueError(f"no image files under {path}")
@@ -105,7 +111,9 @@ class ImageCollection:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path.suffix else self.path.name
+        if self.path.is_dir() or not self.path.suffix:
+            return self.path.name
+        return self.path.name.split(".")[0]
 
     def __len__(self) -> int:
         return len(self._files) if self._files is not None else len(self._array)
@@ -119,3 +127,21 @@ class ImageCollection:
             return load_image(self._files[index])
         pixels = self._array[index]
         return Image.fromarray(pixels).convert("RGB")
+
+
+def read_idx_images(path: str | os.PathLike):
+    """MNIST's idx3 image format (optionally gzipped) as a uint8 array ``(N, H, W)``."""
+    import gzip
+
+    import numpy as np
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 16 or int.from_bytes(data[:4], "big") != 0x00000803:
+        raise ValueError(f"{path} is not an idx3 image file")
+    count, rows, cols = (int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+    if len(data) != 16 + count * rows * cols:
+        raise ValueError(f"{path} is truncated: {len(data) - 16} bytes for {count} images of {rows}x{cols}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import geometry
+from .._validation import check_choice, check_int
 
-__all__ = ["halo_cross_entropy", "reduce"]
+__all__ = ["IMPLEMENTATIONS", "HALOLossBase", "halo_cross_entropy", "reduce"]
+
+#: ``"fused"``: analytic backward, few ``N x K`` passes (default); ``"faithful"``: the reference's ops.
+IMPLEMENTATIONS = ("fused", "faithful")
+
+
+class HALOLossBase(nn.Module):
+    """What every HALO loss holds: the learnable temperature and the choice of implementation."""
+
+    def _setup(self, emb_dims: int, learn_gamma: bool, implementation: str, chunk_size: int | None) -> None:
+        self.implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        if self.chunk_size is not None and self.implementation != "fused":
+            raise ValueError("chunk_size needs implementation='fused'")
+        # the raw parameter is named `gamma`, as in the reference (state dicts load across)
+        gamma_start = geometry.inverse_softplus(geometry.initial_gamma(emb_dims))
+        self.gamma = nn.Parameter(torch.tensor([gamma_start], dtype=torch.float32), requires_grad=learn_gamma)
+
+    @property
+    def effective_gamma(self) -> Tensor:
+        """``softplus(gamma)``, shape ``(1,)``, fp32."""
+        return geometry.effective_gamma(self.gamma.float())
 
 
 def reduce(values: Tensor, reduction: str) -> Tensor:

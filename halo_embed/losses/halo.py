@@ -16,7 +16,7 @@ half-precision inputs and ``torch.autocast`` regions are computed in fp32,
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import geometry
 from .._validation import (
@@ -27,9 +27,10 @@ from .._validation import (
     check_tensor,
     raise_if_any,
 )
-from .functional import halo_cross_entropy, reduce
+from .functional import IMPLEMENTATIONS, HALOLossBase, halo_cross_entropy, reduce
+from .fused import Positives, fused_halo_cross_entropy
 
-__all__ = ["HALOLoss", "REDUCTIONS", "resolve_target_columns"]
+__all__ = ["HALOLoss", "IMPLEMENTATIONS", "REDUCTIONS", "resolve_target_columns"]
 
 #: ``"mean"`` and ``"none"`` as in the reference, plus ``"sum"``.
 REDUCTIONS = ("mean", "none", "sum")
@@ -75,7 +76,7 @@ def resolve_target_columns(
     return order[position], checks
 
 
-class HALOLoss(nn.Module):
+class HALOLoss(HALOLossBase):
     """HALO classification loss over distance logits with an abstain class at the origin.
 
     Logits are negative scaled squared distances to the ``K`` centroids plus an
@@ -93,6 +94,12 @@ class HALOLoss(nn.Module):
         distill: teacher-free soft targets (``True``) or label smoothing.
         label_smoothing: in ``[0, 1)``; also sets the abstain bias.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample).
+        implementation: ``"fused"`` (default): the same numbers through
+            :mod:`halo_embed.losses.fused` (an analytic backward, a fraction of
+            the memory and time); ``"faithful"``: the reference's operations.
+        chunk_size: with the fused implementation, process this many rows at a
+            time so the ``N x K`` logits never exist (label spaces of 100k+
+            classes); the returned true logits are then ``None``.
 
     Attributes:
         gamma: raw temperature parameter, shape ``(1,)``; the effective value
@@ -114,6 +121,8 @@ class HALOLoss(nn.Module):
         distill: bool = True,
         label_smoothing: float = 0.1,
         reduction: str = "mean",
+        implementation: str = "fused",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
@@ -124,27 +133,20 @@ class HALOLoss(nn.Module):
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size)
         # Same attribute names as the reference, for code that reads them.
         self.D = float(self.emb_dims)
         self.K = float(self.num_classes)
         self.abstain_bias = geometry.abstain_bias(
             self.emb_dims, self.num_classes, self.label_smoothing
         )
-        gamma_start = geometry.inverse_softplus(geometry.initial_gamma(self.emb_dims))
-        self.gamma = nn.Parameter(
-            torch.tensor([gamma_start], dtype=torch.float32), requires_grad=self.learn_gamma
-        )
-
-    @property
-    def effective_gamma(self) -> Tensor:
-        """``softplus(gamma)``, shape ``(1,)``, fp32."""
-        return geometry.effective_gamma(self.gamma.float())
 
     def extra_repr(self) -> str:
         return (
             f"emb_dims={self.emb_dims}, num_classes={self.num_classes}, "
             f"learn_gamma={self.learn_gamma}, distill={self.distill}, "
             f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+            f"implementation={self.implementation!r}, chunk_size={self.chunk_size}, "
             f"abstain_bias={self.abstain_bias:.4f}"
         )
 
@@ -208,7 +210,7 @@ class HALOLoss(nn.Module):
         Returns:
             ``(loss, true_logits)``: the loss (a scalar, or ``(N,)`` with
             ``reduction="none"``) and the ``(N, K)`` true logits (fp32 or fp64)
-            ``-g |x - c|^2 / D`` (with gradient).
+            ``-g |x - c|^2 / D`` (with gradient; ``None`` with ``chunk_size``).
 
         Raises:
             TypeError / ValueError: wrong types, ranks or sizes, ``D`` different
@@ -222,13 +224,19 @@ class HALOLoss(nn.Module):
             pos = pos.to(dtype)
             cen = centroids.to(dtype)
             gamma = geometry.effective_gamma(self.gamma.to(dtype))
-            shifted = geometry.shifted_logits(pos, cen, gamma)
-            is_target = torch.zeros_like(shifted, dtype=torch.bool)
-            is_target.scatter_(1, columns.unsqueeze(1), True)
-            loss_ce, true = halo_cross_entropy(
-                shifted, pos, gamma, self.abstain_bias, is_target,
-                self.label_smoothing, self.distill, self.reduction,
-            )
+            if self.implementation == "fused":
+                loss_ce, true = fused_halo_cross_entropy(
+                    pos, cen, gamma, Positives(columns=columns), self.abstain_bias, self.label_smoothing,
+                    self.distill, self.reduction, self.chunk_size,
+                )
+            else:
+                shifted = geometry.shifted_logits(pos, cen, gamma)
+                is_target = torch.zeros_like(shifted, dtype=torch.bool)
+                is_target.scatter_(1, columns.unsqueeze(1), True)
+                loss_ce, true = halo_cross_entropy(
+                    shifted, pos, gamma, self.abstain_bias, is_target,
+                    self.label_smoothing, self.distill, self.reduction,
+                )
             r_sq = (pos - cen[columns]).pow(2).mean(dim=-1)
             radial = reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
         return loss_ce + radial, true

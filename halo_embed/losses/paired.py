@@ -16,17 +16,18 @@ the sink's, i.e. ``sigmoid(shifted - abstain_bias) > 0.5``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import geometry
 from .._validation import check_bool, check_float, check_int, check_tensor, raise_if_any
 from ..distributed import all_gather_no_grad, all_gather_with_grad
-from .functional import halo_cross_entropy
+from .functional import HALOLossBase, halo_cross_entropy
+from .fused import Positives, fused_halo_cross_entropy
 
 __all__ = ["PairedHALOLoss"]
 
 
-class PairedHALOLoss(nn.Module):
+class PairedHALOLoss(HALOLossBase):
     """HALO for paired image-text embeddings, with the origin as the abstain candidate.
 
     Args:
@@ -37,7 +38,11 @@ class PairedHALOLoss(nn.Module):
             construction, so scoring a single pair later uses the same
             threshold the model was trained against.
         symmetric: also score each caption against the batch's images (default).
-        learn_gamma / distill / label_smoothing: as in :class:`~halo_embed.HALOLoss`.
+        learn_gamma / distill / label_smoothing / implementation: as in
+            :class:`~halo_embed.HALOLoss`.
+        chunk_size: rows (queries) per block with the fused implementation:
+            memory grows linearly in the batch instead of with its square
+            (tiled mode for very large batches).
         rejection_weight: weight of the *absent-positive* term (an extension of
             HALO, 0 = off): each query is also scored against the batch's
             candidates **without** its positives, plus the sink, with the sink
@@ -75,6 +80,8 @@ class PairedHALOLoss(nn.Module):
         label_smoothing: float = 0.1,
         rejection_weight: float = 0.0,
         norm_weight: float = 0.0,
+        implementation: str = "fused",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
@@ -85,24 +92,17 @@ class PairedHALOLoss(nn.Module):
         self.label_smoothing = check_float(
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
+        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size)
         self.rejection_weight = check_float("rejection_weight", rejection_weight, minimum=0.0)
         self.norm_weight = check_float("norm_weight", norm_weight, minimum=0.0)
         self.abstain_bias = geometry.abstain_bias(self.emb_dims, self.num_candidates, self.label_smoothing)
-        gamma_start = geometry.inverse_softplus(geometry.initial_gamma(self.emb_dims))
-        self.gamma = nn.Parameter(
-            torch.tensor([gamma_start], dtype=torch.float32), requires_grad=self.learn_gamma
-        )
-
-    @property
-    def effective_gamma(self) -> Tensor:
-        """``softplus(gamma)``, shape ``(1,)``, fp32."""
-        return geometry.effective_gamma(self.gamma.float())
 
     def extra_repr(self) -> str:
         return (
             f"emb_dims={self.emb_dims}, num_candidates={self.num_candidates}, symmetric={self.symmetric}, "
             f"distill={self.distill}, label_smoothing={self.label_smoothing}, "
             f"rejection_weight={self.rejection_weight}, norm_weight={self.norm_weight}, "
+            f"implementation={self.implementation!r}, chunk_size={self.chunk_size}, "
             f"abstain_bias={self.abstain_bias:.4f}"
         )
 
@@ -167,10 +167,19 @@ class PairedHALOLoss(nn.Module):
             else:
                 local_ids = image_ids.to(images.device).long()
                 all_ids = all_gather_no_grad(local_ids)
-            is_positive = local_ids[:, None] == all_ids[None, :]
+            is_positive = None
+            if self.implementation == "faithful" or self.rejection_weight:
+                is_positive = local_ids[:, None] == all_ids[None, :]
             gamma = geometry.effective_gamma(self.gamma.to(dtype))
 
             def direction(queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor | None]:
+                if self.implementation == "fused" and not self.rejection_weight:
+                    ce, _ = fused_halo_cross_entropy(
+                        queries, candidates, gamma, Positives(row_ids=local_ids, col_ids=all_ids),
+                        self.abstain_bias, self.label_smoothing, self.distill, "mean", self.chunk_size,
+                        return_true=False,
+                    )
+                    return ce, None
                 shifted = geometry.shifted_logits(queries, candidates, gamma)
                 ce, _ = halo_cross_entropy(
                     shifted, queries, gamma, self.abstain_bias, is_positive, self.label_smoothing, self.distill

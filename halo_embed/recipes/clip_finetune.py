@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -54,11 +53,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..io import atomic_write_json, atomic_write_text
+from .common import recipe_main, seed_everything, warmup_cosine
 
 LOSSES = ("halo", "clip", "siglip")
 PRECISIONS = {"fp32": "no", "amp": "fp16", "fp16": "fp16", "amp_bf16": "bf16", "bf16": "bf16"}
@@ -351,18 +350,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """Linear warm-up to the base LR over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -380,12 +367,6 @@ class Progress:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in state.items():
             setattr(self, key, int(value))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -484,10 +465,12 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
 
     resume_dir = resolve_resume(config.resume, run_dir) if config.resume else None
     if config.loss == "halo" and resume_dir is None:
-        # the same first samples on every process, so every rank gets the same statistics
+        # a seeded random sample (files are often sorted by class), the same on every process,
+        # so every rank gets the same statistics
         calibration = PairDataset(train_source, backbone.image_transform(train=False), seed=config.seed)
         count = min(config.calibration_samples, len(calibration))
-        batches = [collate_pairs([calibration[i] for i in range(s, min(s + 64, count))], backbone.tokenize)
+        chosen = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(config.seed))[:count].tolist()
+        batches = [collate_pairs([calibration[i] for i in chosen[s : s + 64]], backbone.tokenize)
                    for s in range(0, count, 64)]
         stats = model.calibrate((b["pixels"], b["tokens"]) for b in batches if b["pixels"] is not None)
         accelerator.print(f"adapter calibrated on {count} samples: {stats}")
@@ -712,20 +695,14 @@ def run(args: argparse.Namespace) -> int:
     configs = config_from_args(args)
     results = [train(config) for config in configs]
     if len(configs) > 1:
-        path = write_comparison(configs, results)
-        print(f"comparison: {path}")
+        print(f"comparison: {write_comparison(configs, results)}")
     else:
         print(f"report: {configs[0].run_dir() / 'report.md'}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m halo_embed.recipes.clip_finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    from ..cli import run_handler
-
-    return run_handler("finetune", run, parser.parse_args(argv))
+    return recipe_main("halo_embed.recipes.clip_finetune", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""The fused and chunked paths give the faithful computation's numbers (loss, true logits, every gradient)."""
+
+import pytest
+import torch
+
+from halo_embed import HALOLoss
+from halo_embed.losses import PairedHALOLoss
+
+
+def rel_err(a, b):
+    scale = b.abs().max().item()
+    diff = (a.double() - b.double()).abs().max().item()
+    return diff if scale == 0 else diff / scale
+
+
+def batch(n=40, d=12, k=9, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype) * 1.3
+    c = torch.randn(k, d, generator=g, dtype=dtype)
+    return x, c, torch.randint(0, k, (n,), generator=g)
+
+
+def grads(loss_fn, x, y, c, use_true, upstream_seed=1):
+    x = x.clone().requires_grad_(True)
+    c = c.clone().requires_grad_(True)
+    loss, true = loss_fn(x, y, c)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = loss if loss.dim() == 0 else (loss * torch.rand(loss.shape, generator=g, dtype=loss.dtype)).sum()
+    if use_true and true is not None:
+        total = total + (true * torch.randn(true.shape, generator=g, dtype=true.dtype)).sum() * 0.1
+    total.backward()
+    return [loss.detach(), None if true is None else true.detach(), x.grad, c.grad, loss_fn.gamma.grad]
+
+
+CASES = [(distill, ls, reduction) for distill in (True, False) for ls in (0.0, 0.1, 0.3)
+         for reduction in ("mean", "sum", "none")]
+
+
+@pytest.mark.parametrize("distill,ls,reduction", CASES)
+@pytest.mark.parametrize("use_true", [False, True])
+def test_fused_matches_faithful(distill, ls, reduction, use_true):
+    x, c, y = batch()
+    kwargs = dict(distill=distill, label_smoothing=ls, reduction=reduction)
+    fused = grads(HALOLoss(12, 9, implementation="fused", **kwargs), x, y, c, use_true)
+    faithful = grads(HALOLoss(12, 9, implementation="faithful", **kwargs), x, y, c, use_true)
+    for a, b in zip(fused, faithful):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("distill", [True, False])
+def test_chunked_matches_faithful(reduction, distill):
+    x, c, y = batch(n=37, k=50)
+    chunked = grads(HALOLoss(12, 50, chunk_size=8, reduction=reduction, distill=distill), x, y, c, False)
+    faithful = grads(HALOLoss(12, 50, implementation="faithful", reduction=reduction, distill=distill), x, y, c, False)
+    assert chunked[1] is None  # the N x K true logits are never built
+    for i in (0, 2, 3, 4):
+        assert rel_err(chunked[i], faithful[i]) <= 1e-5
+
+
+def test_fused_float64_is_exact():
+    x, c, y = batch(dtype=torch.float64)
+    fused = grads(HALOLoss(12, 9).double(), x, y, c, True)
+    faithful = grads(HALOLoss(12, 9, implementation="faithful").double(), x, y, c, True)
+    for a, b in zip(fused, faithful):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_fused_with_permuted_centroid_targets_and_coincident_point():
+    x, c, y = batch(n=12, k=5)
+    x[0] = c[y[0]]  # exactly on its centroid: the clamp acts
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    out = []
+    for implementation in ("fused", "faithful"):
+        xx, cc = x.clone().requires_grad_(True), c[perm].clone().requires_grad_(True)
+        loss_fn = HALOLoss(12, 5, implementation=implementation)
+        loss, true = loss_fn(xx, y, cc, perm)
+        (loss + true.sum() * 0.01).backward()
+        out.append([loss, true, xx.grad, cc.grad, loss_fn.gamma.grad])
+    for a, b in zip(*out):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_paired_fused_matches_faithful(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(10, 8, generator=g)
+    texts = images + 0.7 * torch.randn(10, 8, generator=g)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6])
+    results = []
+    for implementation, chunk in (("fused", chunk_size), ("faithful", None)):
+        img, txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        loss_fn = PairedHALOLoss(8, num_candidates=10, implementation=implementation, chunk_size=chunk)
+        loss = loss_fn(img, txt, ids)
+        loss.backward()
+        results.append([loss, img.grad, txt.grad, loss_fn.gamma.grad])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_chunk_size_validation():
+    with pytest.raises(ValueError, match="chunk_size needs implementation='fused'"):
+        HALOLoss(8, 3, implementation="faithful", chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        HALOLoss(8, 3, chunk_size=0)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        HALOLoss(8, 3, implementation="triton")
