@@ -84,25 +84,53 @@ def interleaved_times(variants: dict[str, Callable[[], object]], repeats: int = 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def extra_peak_in_subprocess(script: str, variant: str, size: str) -> float:
-    """Peak memory (MiB) one forward+backward adds on top of its inputs, measured in a fresh process.
+    """Peak memory (MiB) one forward+backward adds on top of what exists before it, in a fresh process.
 
     The script is run as ``script --memory-worker VARIANT SIZE`` and must print
-    ``{"extra_mb": ...}`` as its last line (see :func:`memory_worker`).
+    ``{"extra_mb": ...}`` as its last line (see :func:`memory_worker`). glibc is
+    told to serve every allocation above 64 KiB with its own mapping, so freed
+    buffers leave the resident set at once and the peak RSS follows the peak
+    of live tensors instead of the allocator's caching.
     """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, script, "--memory-worker", variant, size],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"])
 
 
 def memory_worker(setup: Callable[[], Any], step: Callable[[Any], object]) -> None:
-    """Build the inputs, note the peak RSS, run one step, print the peak it added (JSON)."""
+    """Build the inputs, run one warm-up step, then print the peak RSS the next step adds (JSON).
+
+    Inputs (and whatever the step keeps between calls) are not counted; the
+    gradients a step produces are, unless the step keeps them from the warm-up.
+    """
     state = setup()
-    before = peak_rss_mb()
     step(state)
-    print(json.dumps({"extra_mb": peak_rss_mb() - before}))
+    if _reset_peak_rss():
+        before = _status_mb("VmRSS")
+        step(state)
+        extra = _status_mb("VmHWM") - before
+    else:  # no resettable peak: the lifetime peak, which may hide a step smaller than start-up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        step(state)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    print(json.dumps({"extra_mb": extra}))

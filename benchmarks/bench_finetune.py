@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="halo-tiny-vit")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and loss")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     runs = {}

@@ -20,6 +20,7 @@ __all__ = [
     "check_int",
     "check_tensor",
     "raise_if_any",
+    "raise_if_not_finite",
 ]
 
 
@@ -125,3 +126,20 @@ def raise_if_any(checks: Sequence[tuple[Tensor, Message]]) -> None:
     for failed, (_, message) in zip(flags, checks):
         if failed:
             raise ValueError(message() if callable(message) else message)
+
+
+def raise_if_not_finite(result: Tensor, inputs: Sequence[tuple[str, Tensor]]) -> None:
+    """Raise a ``ValueError`` naming the culprit when ``result`` has NaN or inf values.
+
+    Checking a (usually scalar) result costs one host sync instead of a pass
+    over every input: NaN and inf inputs always reach the loss, so the inputs
+    are only inspected once the result is known to be bad.
+    """
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, value in inputs:
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+    largest = ", ".join(f"{name} {value.detach().abs().max().item():.3g}" for name, value in inputs)
+    raise ValueError(f"the loss is not finite although its inputs are (largest magnitudes: {largest}); "
+                     "rescale the features")

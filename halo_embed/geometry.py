@@ -40,6 +40,7 @@ __all__ = [
     "mean_squared_distances",
     "pad_abstain_target",
     "radial_nll",
+    "radial_nll_grad",
     "shifted_logits",
     "shifted_logits_from_sq_distances",
     "smoothed_targets",
@@ -248,6 +249,16 @@ def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
     volume_coeff = 0.5 - 1.0 / float(emb_dims)
     floor = torch.finfo(torch.float32).tiny
     return -(volume_coeff * torch.log(r_sq.clamp_min(floor)) - 0.5 * r_sq)
+
+
+def radial_nll_grad(r_sq: Tensor, emb_dims: int) -> Tensor:
+    """``d radial_nll / d r_sq``: ``1/2 - (1/2 - 1/D) / r_sq``, and ``1/2`` at or below the floor (as autograd gives).
+
+    For the fused loss, which forms its gradients without autograd. ``(N,) -> (N,)``.
+    """
+    volume_coeff = 0.5 - 1.0 / float(emb_dims)
+    floor = torch.finfo(torch.float32).tiny
+    return torch.where(r_sq > floor, 0.5 - volume_coeff / r_sq.clamp_min(floor), 0.5)
 
 
 # --------------------------------------------------------------------------

@@ -105,3 +105,41 @@ def test_chunk_size_validation():
         HALOLoss(8, 3, chunk_size=0)
     with pytest.raises(ValueError, match="implementation must be one of"):
         HALOLoss(8, 3, implementation="triton")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_second_backward_through_retained_graph(chunk_size):
+    # the first backward hands its precomputed gradients over; a second one must recompute them
+    x, c, y = batch()
+    results = []
+    for implementation in ("fused", "faithful"):
+        loss_fn = HALOLoss(12, 9, implementation=implementation, chunk_size=chunk_size if implementation == "fused" else None)
+        xg, cg = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        loss, _ = loss_fn(xg, y, cg)
+        loss.backward(retain_graph=True)
+        first = [xg.grad.clone(), cg.grad.clone(), loss_fn.gamma.grad.clone()]
+        (3.0 * loss).backward()
+        results.append(first + [xg.grad, cg.grad, loss_fn.gamma.grad])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_non_finite_loss_names_the_input():
+    x, c, y = batch()
+    loss_fn = HALOLoss(12, 9)
+    bad = c.clone()
+    bad[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="centroids contains NaN or inf"):
+        loss_fn(x, y, bad)
+    with pytest.raises(ValueError, match="not finite although its inputs are"):
+        loss_fn(x * 1e30, y, c)
+
+
+def test_no_grad_forward_gives_the_same_loss():
+    # without a possible backward the fused path skips its gradient work; the value must not change
+    x, c, y = batch()
+    loss_fn = HALOLoss(12, 9)
+    with torch.no_grad():
+        cheap, _ = loss_fn(x, y, c)
+    full, _ = loss_fn(x.clone().requires_grad_(True), y, c)
+    assert rel_err(cheap, full.detach()) <= 1e-6

@@ -96,3 +96,11 @@ def test_smoothed_targets():
     torch.testing.assert_close(probs[0], torch.tensor([0.05, 0.05, 0.85, 0.05]))
     padded = geometry.pad_abstain_target(probs)
     assert padded.shape == (2, 5) and torch.all(padded[:, -1] == 0)
+
+
+def test_radial_nll_grad_matches_autograd():
+    tiny = torch.finfo(torch.float32).tiny
+    r = torch.tensor([0.0, tiny / 2, tiny, 1e-6, 0.3, 0.8, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    for d in (2, 10, 512):
+        (expected,) = torch.autograd.grad(geometry.radial_nll(r, d).sum(), r)
+        assert torch.allclose(geometry.radial_nll_grad(r.detach(), d), expected, rtol=1e-12, atol=0)

@@ -11,7 +11,9 @@ transformers are imported only here, and only when a backbone is built.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +92,22 @@ class CLIPBackbone(nn.Module):
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """Hide open_clip's "no pretrained weights loaded ... initialized randomly" while a checkpoint is rebuilt."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root, quiet = logging.getLogger(), _Filter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 class OpenCLIPBackbone(CLIPBackbone):
@@ -185,9 +203,10 @@ class OpenCLIPBackbone(CLIPBackbone):
         if "hf_model_name" in text_cfg and (saved_text / "config.json").is_file():
             overrides["text_cfg"] = {**text_cfg, "hf_model_name": str(saved_text), "hf_tokenizer_name": str(saved_text),
                                      "hf_model_pretrained": False}
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            source, load_weights=False, pretrained_text=False, pretrained_image=False, **overrides
-        )
+        with _quiet_random_init_warning():  # the weights come from model.safetensors right after
+            model, train_tf, val_tf = open_clip.create_model_and_transforms(
+                source, load_weights=False, pretrained_text=False, pretrained_image=False, **overrides
+            )
         model_cfg = open_clip.get_model_config(source)
         if (directory / "tokenizer").is_dir():
             from open_clip.tokenizer import HFTokenizer

@@ -52,7 +52,8 @@ class ImageArray:
 
 def _to_array(images: np.ndarray, size: int = 32) -> Tensor:
     """(N, H, W[, C]) uint8 numpy -> (N, 3, size, size) uint8 tensor (grey replicated, resized if needed)."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    array = np.ascontiguousarray(images)
+    x = torch.from_numpy(array if array.flags.writeable else array.copy())  # read-only arrays (mmap, npz)
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2)

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import geometry
+
 __all__ = ["Positives", "fused_halo_cross_entropy"]
 
 
@@ -71,20 +73,22 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
-           positives: Positives, rows: slice, weights: Tensor | None, want_true: bool, grads: dict[str, Any] | None):
+           positives: Positives, rows: slice, weights: Tensor | None, want_true: bool, grads: dict[str, Any] | None,
+           radial: bool = False):
     """Loss rows of one block; accumulates the weighted gradients into ``grads`` when given.
 
     ``weights``: ``(b,)`` per-row upstream gradient, or ``None`` for a constant 1
-    (the caller scales). Returns ``(ce (b,), true (b, K) or None)``.
+    (the caller scales). ``radial``: add each row's radial NLL at its (single)
+    positive column. Returns ``(loss (b,), true (b, K) or None)``.
     """
     d = x.shape[1]
     xb = x[rows]
-    x_sq = xb.pow(2).mean(dim=1)
+    # before any (b, K) buffer exists, so vecdot's (b, D) temporary does not raise the peak (and is ~2x faster)
+    x_sq = torch.linalg.vecdot(xb, xb, dim=1).div_(d)
     # shifted logits in one matmul: g * (2 x.c / D - |c|^2 / D)
     s = torch.addmm(centroid_sq, xb, c.T, beta=-g, alpha=2.0 * g / d)
     lse = torch.logaddexp(torch.logsumexp(s, dim=1), torch.tensor(bias, dtype=s.dtype, device=s.device))
     g_xsq = g * x_sq
-    true = torch.clamp(s - g_xsq.unsqueeze(1), max=0.0) if want_true else None
     if distill and ls > 0:
         # softmax(where(pos, 0, min(s - g|x|^2/D, 0)/ls)) == softmax(where(pos, g|x|^2/D, min(s, g|x|^2/D))/ls)
         z = torch.minimum(s, g_xsq.unsqueeze(1))
@@ -97,14 +101,49 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
         share = (1.0 - ls) / mask.sum(dim=1, keepdim=True).to(s.dtype)
         p = torch.where(mask, share + ls / s.shape[1], torch.full_like(s, ls / s.shape[1]))
         del mask
+    # after the targets: at most three (b, K) buffers (s, p, true) live at once
+    true = torch.sub(s, g_xsq.unsqueeze(1)).clamp_(max=0.0) if want_true else None
     ce = lse - _rowdot(p, s)
     if grads is not None:
         grad = s.sub_(lse.unsqueeze(1)).exp_().sub_(p)     # q - p, in the logits' buffer
-        del p
+        p = None
         if weights is not None:
             grad.mul_(weights.unsqueeze(1))
         _accumulate(grads, grad, xb, c, g, centroid_sq, rows)
+        grad = None
+    s = p = None
+    if radial:  # after the (b, K) buffers are gone: its (b, D) buffer does not add to the peak
+        nll, radial_grad = _radial(xb, c, positives.columns[rows], weights)
+        ce = ce + nll
+        if grads is not None:
+            _add_rows(grads, rows, radial_grad)
+            grads["c"].index_add_(0, positives.columns[rows], radial_grad, alpha=-1.0)
     return ce, true
+
+
+def _radial(xb: Tensor, c: Tensor, columns: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The radial NLL of each row at its positive and ``d nll / d x`` (``= -d nll / d c``), ``(b,), (b, D)``.
+
+    The distance is taken directly (not from the logits) so that an embedding on
+    its centroid gives exactly the faithful value.
+    """
+    d = xb.shape[1]
+    diff = c.index_select(0, columns).neg_().add_(xb)         # x - c, one (b, D) buffer
+    r_sq = _rowdot(diff, diff).div_(d)
+    coefficient = geometry.radial_nll_grad(r_sq, d) * (2.0 / d)      # d r_sq / d x = 2 (x - c) / D
+    if weights is not None:
+        coefficient = coefficient * weights
+    return geometry.radial_nll(r_sq, d), diff.mul_(coefficient.unsqueeze(1))
+
+
+def _add_rows(grads: dict[str, Any], rows: slice, value: Tensor) -> None:
+    """``grads["x"][rows] += value``; the first block covering every row is stored without a copy."""
+    if grads["x"] is None:
+        if rows.start == 0 and rows.stop == grads["n"]:
+            grads["x"] = value
+            return
+        grads["x"] = value.new_zeros((grads["n"], value.shape[1]))
+    grads["x"][rows] += value
 
 
 def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: float, centroid_sq: Tensor,
@@ -118,12 +157,12 @@ def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: f
     d = xb.shape[1]
     gc = grad @ c
     col = grad.sum(dim=0)
-    dx = gc.mul(2.0 * g / d)
     grads["g"] += (2.0 / d) * _rowdot(xb, gc).sum() - col @ centroid_sq
+    dx = gc.mul_(2.0 * g / d)
     if x_sq_weight is not None:
         dx -= (2.0 * g / d) * x_sq_weight.unsqueeze(1) * xb
         grads["g"] -= (x_sq_weight * xb.pow(2).mean(dim=1)).sum()
-    grads["x"][rows] += dx
+    _add_rows(grads, rows, dx)
     grads["c"].addmm_(grad.T, xb, alpha=2.0 * g / d)
     grads["c"].sub_(col.unsqueeze(1) * c, alpha=2.0 * g / d)
 
@@ -134,32 +173,42 @@ def _blocks(n: int, chunk_rows: int | None):
 
 
 def _new_grads(x: Tensor, c: Tensor) -> dict[str, Any]:
-    return {"x": torch.zeros_like(x), "c": torch.zeros_like(c), "g": torch.zeros((), dtype=x.dtype, device=x.device)}
+    """Gradient accumulators; ``x``'s is created by the first block (see :func:`_add_rows`)."""
+    return {"x": None, "n": x.shape[0], "c": torch.zeros_like(c),
+            "g": torch.zeros((), dtype=x.dtype, device=x.device)}
+
+
+def _x_grad(grads: dict[str, Any], x: Tensor) -> Tensor:
+    return torch.zeros_like(x) if grads["x"] is None else grads["x"]
 
 
 class _FusedHALOCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, gamma, positives, bias, ls, distill, reduction, chunk_rows, want_true):  # type: ignore[override]
+    def forward(ctx, x, c, gamma, positives, bias, ls, distill, reduction, chunk_rows, want_true, radial):  # type: ignore[override]
         g = float(gamma)
         centroid_sq = c.pow(2).mean(dim=1)
         n = x.shape[0]
-        precompute = reduction in ("mean", "sum")
+        reduced = reduction in ("mean", "sum")
+        # the gradients are formed while the logits are in memory, unless no backward can follow
+        precompute = reduced and any(ctx.needs_input_grad[:3])
         grads = _new_grads(x, c) if precompute else None
         losses, trues = [], []
         for rows in _blocks(n, chunk_rows):
-            ce, true = _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, want_true, grads)
+            ce, true = _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, want_true, grads,
+                              radial)
             losses.append(ce)
             if true is not None:
                 trues.append(true)
         ce = torch.cat(losses)
         scale = 1.0 / n if reduction == "mean" else 1.0
-        out = ce.sum() * scale if precompute else ce
-        true = torch.cat(trues) if want_true else x.new_empty(0)
-        ctx.setup = (positives, bias, ls, distill, reduction, chunk_rows, want_true, scale)
-        if precompute:
-            ctx.save_for_backward(x, c, gamma, grads["x"], grads["c"], grads["g"].reshape(1))
-        else:
-            ctx.save_for_backward(x, c, gamma)
+        out = ce.sum() * scale if reduced else ce
+        # (a single block is returned as it is: cat would copy the whole (N, K) matrix)
+        true = (trues[0] if len(trues) == 1 else torch.cat(trues)) if want_true else x.new_empty(0)
+        ctx.setup = (positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial)
+        ctx.save_for_backward(x, c, gamma)
+        # Not saved tensors: the first backward takes them over (and scales them in place), so
+        # neither autograd's version check nor the graph keeps a second copy alive.
+        ctx.precomputed = (_x_grad(grads, x), grads["c"], grads["g"]) if precompute else None
         ctx.set_materialize_grads(False)
         if not want_true:
             ctx.mark_non_differentiable(true)
@@ -167,18 +216,26 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_true):  # type: ignore[override]
-        positives, bias, ls, distill, reduction, chunk_rows, want_true, scale = ctx.setup
-        x, c, gamma, *pre = ctx.saved_tensors
+        positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial = ctx.setup
+        x, c, gamma = ctx.saved_tensors
         g = float(gamma)
         centroid_sq = c.pow(2).mean(dim=1)
-        if pre and grad_out is not None:
+        pre, ctx.precomputed = ctx.precomputed, None
+        if grad_out is not None and reduction != "none":
+            if pre is None:  # a second backward through a retained graph: the same operations again
+                grads = _new_grads(x, c)
+                for rows in _blocks(x.shape[0], chunk_rows):
+                    _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, False, grads, radial)
+                pre = (_x_grad(grads, x), grads["c"], grads["g"])
+            # scaled in place and handed over: autograd can keep them as .grad without a copy
             factor = grad_out * scale
-            grads = {"x": pre[0] * factor, "c": pre[1] * factor, "g": (pre[2] * factor).reshape(())}
+            grads = {"x": pre[0].mul_(factor), "c": pre[1].mul_(factor), "g": pre[2] * factor}
         else:
             grads = _new_grads(x, c)
             if grad_out is not None:  # reduction "none": recompute every block with its rows' weights
                 for rows in _blocks(x.shape[0], chunk_rows):
-                    _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False, grads)
+                    _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False, grads,
+                           radial)
         if want_true and grad_true is not None:
             d = x.shape[1]
             for rows in _blocks(x.shape[0], chunk_rows):
@@ -188,7 +245,8 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
                 passes = (s - (g * xb.pow(2).mean(dim=1)).unsqueeze(1)) <= 0
                 grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=s.dtype, device=s.device))
                 _accumulate(grads, grad, xb, c, g, centroid_sq, rows, x_sq_weight=grad.sum(dim=1))
-        return grads["x"], grads["c"], grads["g"].reshape(gamma.shape), None, None, None, None, None, None, None
+        return (_x_grad(grads, x), grads["c"], grads["g"].reshape(gamma.shape),
+                None, None, None, None, None, None, None, None)
 
 
 def fused_halo_cross_entropy(
@@ -202,6 +260,7 @@ def fused_halo_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
     return_true: bool = True,
+    radial: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """HALO's cross-entropy over ``[candidates, abstain]``, fused.
 
@@ -219,13 +278,18 @@ def fused_halo_cross_entropy(
         chunk_rows: rows per block (``None``: one block). Peak memory is a few
             ``chunk_rows x K`` buffers; the true logits are then not returned.
         return_true: also return the ``(N, K)`` true logits (with gradient).
+        radial: add HALO's radial NLL of each row's distance to its positive
+            (classification: ``positives`` given as columns), so the loss is
+            the complete HALO loss without an ``N x D`` gather in autograd.
 
     Returns:
         ``(ce, true_logits or None)``. Higher-order gradients are not supported.
     """
     want_true = return_true and chunk_rows is None
+    if radial and positives.columns is None:
+        raise ValueError("radial=True needs positives given as one column per row")
     ce, true = _FusedHALOCrossEntropy.apply(
         embeddings, centroids, gamma, positives, float(abstain_bias), float(label_smoothing), bool(distill),
-        reduction, chunk_rows, want_true,
+        reduction, chunk_rows, want_true, bool(radial),
     )
     return ce, (true if want_true else None)

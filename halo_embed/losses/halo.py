@@ -26,6 +26,7 @@ from .._validation import (
     check_int,
     check_tensor,
     raise_if_any,
+    raise_if_not_finite,
 )
 from .functional import IMPLEMENTATIONS, HALOLossBase, halo_cross_entropy, reduce
 from .fused import Positives, fused_halo_cross_entropy
@@ -183,10 +184,6 @@ class HALOLoss(HALOLossBase):
                     f"{name} is on {tensor.device} but embeddings is on {embeddings.device}"
                 )
         columns, checks = resolve_target_columns(target, centroid_targets, self.num_classes)
-        checks += [
-            (~torch.isfinite(embeddings).all(), "embeddings contains NaN or inf values"),
-            (~torch.isfinite(centroids).all(), "centroids contains NaN or inf values"),
-        ]
         raise_if_any(checks)
         return columns
 
@@ -225,9 +222,10 @@ class HALOLoss(HALOLossBase):
             cen = centroids.to(dtype)
             gamma = geometry.effective_gamma(self.gamma.to(dtype))
             if self.implementation == "fused":
-                loss_ce, true = fused_halo_cross_entropy(
+                # the radial term rides along: no (N, D) gather and scatter through autograd
+                loss, true = fused_halo_cross_entropy(
                     pos, cen, gamma, Positives(columns=columns), self.abstain_bias, self.label_smoothing,
-                    self.distill, self.reduction, self.chunk_size,
+                    self.distill, self.reduction, self.chunk_size, radial=True,
                 )
             else:
                 shifted = geometry.shifted_logits(pos, cen, gamma)
@@ -237,6 +235,7 @@ class HALOLoss(HALOLossBase):
                     shifted, pos, gamma, self.abstain_bias, is_target,
                     self.label_smoothing, self.distill, self.reduction,
                 )
-            r_sq = (pos - cen[columns]).pow(2).mean(dim=-1)
-            radial = reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
-        return loss_ce + radial, true
+                r_sq = (pos - cen[columns]).pow(2).mean(dim=-1)
+                loss = loss_ce + reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
+        raise_if_not_finite(loss.detach(), [("embeddings", pos), ("centroids", cen)])
+        return loss, true
