@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# halo vs clip on the built-in shapes data, default settings (CPU: about 17 minutes for both).
+# halo vs clip on the built-in shapes data, default settings (2 CPU cores: about 20 minutes for both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 set -x

@@ -13,6 +13,9 @@ same loss and gradients block by block of rows:
   ``where(positive, 0, (s - g|x|^2/D) / ls)`` equal those of ``min(s, g|x|^2/D) / ls``
   with the positives set to ``g|x|^2/D / ls`` (the clamp of the reference
   is the ``min``);
+- ``q`` is one row softmax over the candidates written into the logits' own
+  buffer; its value at the row maximum gives the log-sum-exp (no separate
+  ``logsumexp`` pass), and one row factor adds the abstain column;
 - for ``mean``/``sum`` the gradients are computed in the forward pass while
   the block is in memory (the backward only scales them), for ``none`` the
   backward recomputes each block;
@@ -72,6 +75,19 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _softmax_(z: Tensor) -> Tensor:
+    """Row softmax of a ``(b, K)`` block written over its input: no second ``(b, K)`` buffer.
+
+    On CPU through the out= form of torch's own kernel (it finishes reading a row
+    before writing it); elsewhere spelled out, since other backends' kernels make
+    no such promise.
+    """
+    if z.device.type == "cpu" and z.is_contiguous():
+        return torch.ops.aten._softmax.out(z, 1, False, out=z)
+    z.sub_(z.amax(dim=1, keepdim=True)).exp_()
+    return z.div_(z.sum(dim=1, keepdim=True))
+
+
 def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
            positives: Positives, rows: slice, weights: Tensor | None, want_true: bool, grads: dict[str, Any] | None,
            radial: bool = False):
@@ -87,13 +103,16 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
     x_sq = torch.linalg.vecdot(xb, xb, dim=1).div_(d)
     # shifted logits in one matmul: g * (2 x.c / D - |c|^2 / D)
     s = torch.addmm(centroid_sq, xb, c.T, beta=-g, alpha=2.0 * g / d)
-    lse = torch.logaddexp(torch.logsumexp(s, dim=1), torch.tensor(bias, dtype=s.dtype, device=s.device))
+    row_max = s.amax(dim=1)
     g_xsq = g * x_sq
+    true = None
     if distill and ls > 0:
         # softmax(where(pos, 0, min(s - g|x|^2/D, 0)/ls)) == softmax(where(pos, g|x|^2/D, min(s, g|x|^2/D))/ls)
         z = torch.minimum(s, g_xsq.unsqueeze(1))
+        if want_true:  # min(s, g|x|^2/D) - g|x|^2/D is exactly the reference's clamp(s - g|x|^2/D, max=0)
+            true = torch.sub(z, g_xsq.unsqueeze(1))
         positives.set_in_block(z, rows, g_xsq)
-        p = torch.softmax(z.mul_(1.0 / ls), dim=1)
+        p = _softmax_(z.mul_(1.0 / ls))
         del z
     else:
         # label smoothing, or its ls -> 0 limit with distillation: ls/K + (1 - ls) spread over the positives
@@ -101,17 +120,23 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
         share = (1.0 - ls) / mask.sum(dim=1, keepdim=True).to(s.dtype)
         p = torch.where(mask, share + ls / s.shape[1], torch.full_like(s, ls / s.shape[1]))
         del mask
-    # after the targets: at most three (b, K) buffers (s, p, true) live at once
-    true = torch.sub(s, g_xsq.unsqueeze(1)).clamp_(max=0.0) if want_true else None
-    ce = lse - _rowdot(p, s)
+        if want_true:
+            true = torch.sub(s, g_xsq.unsqueeze(1)).clamp_(max=0.0)
+    target_dot = _rowdot(p, s)
+    # q over the K candidates, in the logits' buffer; its largest value (at the logits' maximum,
+    # >= 1/K, never underflows) gives the candidates' log-sum-exp; the abstain column rescales q
+    q = _softmax_(s)
+    lse_candidates = row_max - q.amax(dim=1).log()
+    lse = torch.logaddexp(lse_candidates, torch.tensor(bias, dtype=s.dtype, device=s.device))
+    ce = lse - target_dot
     if grads is not None:
-        grad = s.sub_(lse.unsqueeze(1)).exp_().sub_(p)     # q - p, in the logits' buffer
+        grad = q.mul_(torch.exp(lse_candidates - lse).unsqueeze(1)).sub_(p)    # q - p over [K + 1]
         p = None
         if weights is not None:
             grad.mul_(weights.unsqueeze(1))
         _accumulate(grads, grad, xb, c, g, centroid_sq, rows)
         grad = None
-    s = p = None
+    s = q = p = None
     if radial:  # after the (b, K) buffers are gone: its (b, D) buffer does not add to the peak
         nll, radial_grad = _radial(xb, c, positives.columns[rows], weights)
         ce = ce + nll
