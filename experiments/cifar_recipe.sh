@@ -2,7 +2,7 @@
 # The CIFAR reference recipe (ResNet-18, HALO vs cross-entropy) on the CIFAR-10 copy in ../shared/datasets:
 # ID = CIFAR-10 test, near-OOD = the partial CIFAR-100, far-OOD = the partial SVHN and MNIST test.
 # SCALE=small: the `small` preset (width 16, 10k training images, 4 epochs; ~5 min on 2 CPU cores)
-# SCALE=medium: the same network on 20k training images for 8 epochs (~20 min on 2 CPU cores)
+# SCALE=medium: the same network on 20k training images for 8 epochs (~17 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/datasets}
