@@ -29,10 +29,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:  # data on disk before the rename makes it visible
             os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; give it the mode the file has, or a new file would get
+        os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_file_mode() -> int:
+    """``0o666`` less the process's umask (read by setting and restoring it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -99,3 +99,21 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left behind
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    # a new file gets 0666 less the umask (not mkstemp's 0600); a replaced file keeps its mode
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)
+    try:
+        fresh = atomic_write_text(tmp_path / "new.md", "x")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.md"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(old_umask)
