@@ -42,6 +42,7 @@ __all__ = [
     "radial_nll",
     "radial_nll_grad",
     "shifted_logits",
+    "shifted_logits_addmm",
     "shifted_logits_from_sq_distances",
     "smoothed_targets",
     "target_radius_sq",
@@ -148,6 +149,23 @@ def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tens
     centroid_sq = mean_square(centroids)
     dot = (embeddings @ centroids.T) / emb_dims
     return gamma * (2.0 * dot - centroid_sq.T)
+
+
+def shifted_logits_addmm(embeddings: Tensor, centroids: Tensor, gamma: float, centroid_sq: Tensor) -> Tensor:
+    """:func:`shifted_logits` for a plain-float ``gamma``, in one ``addmm`` (the fused loss's form).
+
+    Args:
+        embeddings: ``(N, D)``.
+        centroids: ``(K, D)``.
+        gamma: the effective temperature as a float (no autograd through it:
+            the fused loss forms its gradient itself).
+        centroid_sq: ``(K,)`` mean squares of the centroids, computed once per call of the loss.
+
+    Returns:
+        ``(N, K)`` logits ``g * (2 <x, c> - |c|^2) / D``.
+    """
+    emb_dims = embeddings.shape[-1]
+    return torch.addmm(centroid_sq, embeddings, centroids.T, beta=-gamma, alpha=2.0 * gamma / emb_dims)
 
 
 def shifted_logits_from_sq_distances(

@@ -32,6 +32,9 @@ def test_shifted_logit_identity(d):
     explicit = gamma * ((x**2).sum(1, keepdim=True) - torch.cdist(x, c) ** 2) / d
     torch.testing.assert_close(geometry.shifted_logits(x, c, gamma), explicit)
     torch.testing.assert_close(geometry.mean_squared_distances(x, c), torch.cdist(x, c) ** 2 / d)
+    # the fused loss's one-addmm form
+    centroid_sq = geometry.mean_square(c).squeeze(1)
+    torch.testing.assert_close(geometry.shifted_logits_addmm(x, c, 2.5, centroid_sq), explicit)
     torch.testing.assert_close(
         geometry.true_logits(geometry.shifted_logits(x, c, gamma), x, gamma),
         -gamma * torch.cdist(x, c) ** 2 / d,

@@ -101,8 +101,7 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
     xb = x[rows]
     # before any (b, K) buffer exists, so vecdot's (b, D) temporary does not raise the peak (and is ~2x faster)
     x_sq = torch.linalg.vecdot(xb, xb, dim=1).div_(d)
-    # shifted logits in one matmul: g * (2 x.c / D - |c|^2 / D)
-    s = torch.addmm(centroid_sq, xb, c.T, beta=-g, alpha=2.0 * g / d)
+    s = geometry.shifted_logits_addmm(xb, c, g, centroid_sq)
     row_max = s.amax(dim=1)
     g_xsq = g * x_sq
     true = None
@@ -186,7 +185,7 @@ def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: f
     dx = gc.mul_(2.0 * g / d)
     if x_sq_weight is not None:
         dx -= (2.0 * g / d) * x_sq_weight.unsqueeze(1) * xb
-        grads["g"] -= (x_sq_weight * xb.pow(2).mean(dim=1)).sum()
+        grads["g"] -= (x_sq_weight * geometry.mean_square(xb).squeeze(1)).sum()
     _add_rows(grads, rows, dx)
     grads["c"].addmm_(grad.T, xb, alpha=2.0 * g / d)
     grads["c"].sub_(col.unsqueeze(1) * c, alpha=2.0 * g / d)
@@ -211,7 +210,7 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, gamma, positives, bias, ls, distill, reduction, chunk_rows, want_true, radial):  # type: ignore[override]
         g = float(gamma)
-        centroid_sq = c.pow(2).mean(dim=1)
+        centroid_sq = geometry.mean_square(c).squeeze(1)
         n = x.shape[0]
         reduced = reduction in ("mean", "sum")
         # the gradients are formed while the logits are in memory, unless no backward can follow
@@ -244,7 +243,7 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial = ctx.setup
         x, c, gamma = ctx.saved_tensors
         g = float(gamma)
-        centroid_sq = c.pow(2).mean(dim=1)
+        centroid_sq = geometry.mean_square(c).squeeze(1)
         pre, ctx.precomputed = ctx.precomputed, None
         if grad_out is not None and reduction != "none":
             if pre is None:  # a second backward through a retained graph: the same operations again
@@ -262,12 +261,11 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
                     _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False, grads,
                            radial)
         if want_true and grad_true is not None:
-            d = x.shape[1]
             for rows in _blocks(x.shape[0], chunk_rows):
                 xb = x[rows]
-                s = torch.addmm(centroid_sq, xb, c.T, beta=-g, alpha=2.0 * g / d)
+                s = geometry.shifted_logits_addmm(xb, c, g, centroid_sq)
                 # true = min(s - g|x|^2/D, 0): the gradient passes where the clamp did not act
-                passes = (s - (g * xb.pow(2).mean(dim=1)).unsqueeze(1)) <= 0
+                passes = (s - g * geometry.mean_square(xb)) <= 0
                 grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=s.dtype, device=s.device))
                 _accumulate(grads, grad, xb, c, g, centroid_sq, rows, x_sq_weight=grad.sum(dim=1))
         return (_x_grad(grads, x), grads["c"], grads["g"].reshape(gamma.shape),

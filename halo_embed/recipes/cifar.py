@@ -51,6 +51,7 @@ from ..inference import softmax_ood_scores
 from ..io import atomic_write_json
 from .common import (
     load_training_state,
+    print_reports,
     recipe_main,
     rng_state,
     save_training_state,
@@ -464,11 +465,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     configs = configs_from_args(args, argv)
     data = load_data(configs[0])
     results = [train(c, data) for c in configs]
-    if len(configs) > 1:
-        print(f"comparison: {write_comparison(configs, results)}")
-    else:
-        print(f"report: {configs[0].run_dir() / 'report.md'}")
-    return 0
+    return print_reports(configs, results, write_comparison)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_json, atomic_write_text
-from .common import recipe_main, seed_everything, warmup_cosine
+from .common import print_reports, recipe_main, seed_everything, warmup_cosine
 
 LOSSES = ("halo", "clip", "siglip")
 PRECISIONS = {"fp32": "no", "amp": "fp16", "fp16": "fp16", "amp_bf16": "bf16", "bf16": "bf16"}
@@ -694,11 +694,7 @@ def write_comparison(configs: Sequence[FinetuneConfig], results: Sequence[dict[s
 def run(args: argparse.Namespace) -> int:
     configs = config_from_args(args)
     results = [train(config) for config in configs]
-    if len(configs) > 1:
-        print(f"comparison: {write_comparison(configs, results)}")
-    else:
-        print(f"report: {configs[0].run_dir() / 'report.md'}")
-    return 0
+    return print_reports(configs, results, write_comparison)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

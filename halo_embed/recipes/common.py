@@ -15,6 +15,7 @@ from ..io import atomic_path
 
 __all__ = [
     "load_training_state",
+    "print_reports",
     "recipe_main",
     "rng_state",
     "save_training_state",
@@ -72,6 +73,15 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file
         raise ValueError(f"{path} is damaged or not a halo-embed training checkpoint: {error}") from error
+
+
+def print_reports(configs, results, write_comparison) -> int:
+    """Say where the report is: one run's ``report.md``, or the comparison of several (written here)."""
+    if len(configs) > 1:
+        print(f"comparison: {write_comparison(configs, results)}")
+    else:
+        print(f"report: {configs[0].run_dir() / 'report.md'}")
+    return 0
 
 
 def recipe_main(prog: str, description: str, add_arguments, run, argv=None) -> int:
