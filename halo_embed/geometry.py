@@ -40,7 +40,7 @@ __all__ = [
     "mean_squared_distances",
     "pad_abstain_target",
     "radial_nll",
-    "radial_nll_grad",
+    "radial_nll_and_grad",
     "shifted_logits",
     "shifted_logits_addmm",
     "shifted_logits_from_sq_distances",
@@ -269,14 +269,26 @@ def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
     return -(volume_coeff * torch.log(r_sq.clamp_min(floor)) - 0.5 * r_sq)
 
 
-def radial_nll_grad(r_sq: Tensor, emb_dims: int) -> Tensor:
-    """``d radial_nll / d r_sq``: ``1/2 - (1/2 - 1/D) / r_sq``, and ``1/2`` at or below the floor (as autograd gives).
+def radial_nll_and_grad(r_sq: Tensor, emb_dims: int) -> tuple[Tensor, Tensor]:
+    """:func:`radial_nll` and ``d radial_nll / d r_sq`` together, for the fused loss (no autograd).
 
-    For the fused loss, which forms its gradients without autograd. ``(N,) -> (N,)``.
+    The derivative is ``1/2 - (1/2 - 1/D) / r_sq``, and ``1/2`` at or below the
+    floor (as autograd gives through the clamp). One clamp serves both, and
+    the ops are in place: the fused loss calls this once per block.
+
+    Args:
+        r_sq: ``(N,)`` mean-square distances to the assigned prototype.
+        emb_dims: ``D``.
+
+    Returns:
+        ``(nll, grad)``, both ``(N,)``.
     """
     volume_coeff = 0.5 - 1.0 / float(emb_dims)
     floor = torch.finfo(torch.float32).tiny
-    return torch.where(r_sq > floor, 0.5 - volume_coeff / r_sq.clamp_min(floor), 0.5)
+    safe = r_sq.clamp_min(floor)
+    nll = torch.log(safe).mul_(-volume_coeff).add_(r_sq, alpha=0.5)
+    grad = torch.where(r_sq > floor, safe.reciprocal_().mul_(-volume_coeff).add_(0.5), 0.5)
+    return nll, grad
 
 
 # --------------------------------------------------------------------------

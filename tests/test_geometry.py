@@ -101,9 +101,12 @@ def test_smoothed_targets():
     assert padded.shape == (2, 5) and torch.all(padded[:, -1] == 0)
 
 
-def test_radial_nll_grad_matches_autograd():
+def test_radial_nll_and_grad_match_radial_nll_and_autograd():
     tiny = torch.finfo(torch.float32).tiny
     r = torch.tensor([0.0, tiny / 2, tiny, 1e-6, 0.3, 0.8, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
     for d in (2, 10, 512):
-        (expected,) = torch.autograd.grad(geometry.radial_nll(r, d).sum(), r)
-        assert torch.allclose(geometry.radial_nll_grad(r.detach(), d), expected, rtol=1e-12, atol=0)
+        value = geometry.radial_nll(r, d)
+        (expected,) = torch.autograd.grad(value.sum(), r)
+        nll, grad = geometry.radial_nll_and_grad(r.detach(), d)
+        assert torch.allclose(nll, value.detach(), rtol=1e-12, atol=0)
+        assert torch.allclose(grad, expected, rtol=1e-12, atol=0)
