@@ -157,11 +157,25 @@ def test_in_place_softmax_matches_torch(contiguous):
     torch.testing.assert_close(out, torch.softmax(logits, dim=1), rtol=1e-12, atol=1e-15)
 
 
-def test_log_sum_exp_without_underflow_far_from_the_maximum():
-    # rows whose logits span hundreds of units: q underflows to 0 away from the maximum,
-    # the loss must still equal the faithful log-sum-exp
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("distill", [True, False])
+def test_logits_far_below_the_maximum(distill, chunk_size):
+    # rows whose logits span hundreds of units: the fused path floors exp's arguments at
+    # EXP_FLOOR below the row maximum (torch's exp is slow on underflow); loss, true logits
+    # and every gradient must still be the faithful ones
+    from halo_embed.geometry import shifted_logits
+    from halo_embed.losses.fused import EXP_FLOOR
+
     torch.manual_seed(3)
     x, c = torch.randn(16, 8) * 6, torch.randn(30, 8) * 6
     y = torch.randint(0, 30, (16,))
-    values = [HALOLoss(8, 30, implementation=impl)(x, y, c)[0] for impl in ("fused", "faithful")]
-    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=0)
+    kwargs = dict(distill=distill, label_smoothing=0.1)
+    use_true = chunk_size is None   # the chunked path returns no true logits
+    fast = grads(HALOLoss(8, 30, chunk_size=chunk_size, **kwargs), x, y, c, use_true)
+    faithful = grads(HALOLoss(8, 30, implementation="faithful", **kwargs), x, y, c, use_true)
+    spread = shifted_logits(x, c, HALOLoss(8, 30).effective_gamma.detach())
+    assert (spread.amax(1) - spread.amin(1)).min() > EXP_FLOOR      # the floor acts in every row
+    assert (spread.amax(1, keepdim=True) - spread).div(0.1).gt(EXP_FLOOR).float().mean() > 0.5
+    for a, b in zip(fast, faithful):
+        if a is not None:
+            assert rel_err(a, b) <= 1e-5

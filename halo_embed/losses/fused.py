@@ -44,11 +44,14 @@ from .. import geometry
 
 __all__ = ["Positives", "fused_halo_cross_entropy"]
 
-#: Softmax inputs more than this far below their row's maximum are raised to it before ``exp``:
-#: ``exp(-87) ~ 1.6e-38`` is still a normal fp32 number, while smaller arguments send torch's
-#: vectorised ``exp`` down a path 50-100x slower (measured: 6 ms instead of 0.08 ms for 4096 x 100
-#: values far below the maximum). What it changes is below 1e-37 relative to the row's total.
-EXP_FLOOR = 87.0
+#: Softmax arguments more than this many nats below their row's maximum are raised to it, and so
+#: is the abstain column's lead over the candidates when it scales the softmax. Without the floor
+#: a row whose logits span more than ~87 nats (common once the temperature has grown) gives exp
+#: arguments that underflow, on which torch's vectorised exp is ~70x slower, and denormal
+#: probabilities, on which the two N x K matmuls of the backward are 5-10x slower
+#: (``benchmarks/bench_exp_underflow.py``). What the floor changes is at most exp(-30) ~ 1e-13 per
+#: entry relative to the row's largest probability, below fp32 resolution for K up to ~10^6.
+EXP_FLOOR = 30.0
 
 
 class Positives:
@@ -124,8 +127,7 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
         true = torch.sub(s, g_xsq.unsqueeze(1)).clamp_(max=0.0)
     if distill and ls > 0:
         # softmax(where(pos, 0, min(s - g|x|^2/D, 0)/ls)) == softmax(where(pos, g|x|^2/D, min(s, g|x|^2/D))/ls);
-        # the row maximum is g|x|^2/D (at the positives), and logits more than EXP_FLOOR below it are
-        # raised to it: their share stays ~1e-38, and exp skips its slow underflow path
+        # the row maximum is g|x|^2/D (at the positives): the floor is EXP_FLOOR * ls below it
         z = torch.clamp(s, min=g_xsq.unsqueeze(1) - EXP_FLOOR * ls, max=g_xsq.unsqueeze(1))
         positives.set_in_block(z, rows, g_xsq)
         p = _softmax_(z.mul_(1.0 / ls))
@@ -147,7 +149,7 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
     if grads is not None:
         # d ce / d s = softmax over [s, bias] - p, at the K candidates (the abstain column has no
         # parameters): exp(s - lse) = e * exp(max - lse), formed in the same buffer
-        grad = e.mul_(row_max.sub_(lse).exp_().unsqueeze(1)).sub_(p)
+        grad = e.mul_(row_max.sub_(lse).clamp_(min=-EXP_FLOOR).exp_().unsqueeze(1)).sub_(p)
         if weights is not None:
             grad.mul_(weights.unsqueeze(1))
     e = p = None
