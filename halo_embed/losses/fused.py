@@ -13,15 +13,18 @@ same loss and gradients block by block of rows:
   ``where(positive, 0, (s - g|x|^2/D) / ls)`` equal those of ``min(s, g|x|^2/D) / ls``
   with the positives set to ``g|x|^2/D / ls`` (the clamp of the reference
   is the ``min``);
-- ``q`` is one row softmax over the candidates written into the logits' own
-  buffer; its value at the row maximum gives the log-sum-exp (no separate
-  ``logsumexp`` pass), and one row factor adds the abstain column;
+- ``exp(s - max)`` is written into the logits' own buffer; its row sums give
+  the log-sum-exp, and one row factor turns it into ``q`` over ``[K + 1]``
+  (the abstain column is never stored); softmax arguments are floored
+  :data:`EXP_FLOOR` nats below their row's maximum;
 - for ``mean``/``sum`` the gradients are computed in the forward pass while
   the block is in memory (the backward only scales them), for ``none`` the
-  backward recomputes each block;
-- the temperature's gradient is assembled from quantities the other gradients
-  need anyway (``G @ c`` and the column sums of ``G``), so the logits need not
-  be kept.
+  backward recomputes each block; the loss totals are whole-block dot products;
+- the temperature's gradient is assembled from the ``K x D`` product ``G^T x``
+  and the column sums of ``G``, which the centroid gradient needs anyway, so
+  the logits need not be kept;
+- the radial term's ``c_y - x`` buffer, scaled, becomes the embedding
+  gradient in place (``addmm_`` with ``beta=-1``).
 
 With ``chunk_rows`` the blocks are ``chunk_rows x K``: the full ``N x K``
 matrix never exists (large label spaces, huge contrastive batches), and the
@@ -34,7 +37,6 @@ log-sum-exp over ``[s_i, abstain_bias]``, ``p`` the targets, ``q = exp(s - L)``)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -47,8 +49,8 @@ __all__ = ["Positives", "fused_halo_cross_entropy"]
 #: Softmax arguments more than this many nats below their row's maximum are raised to it, and so
 #: is the abstain column's lead over the candidates when it scales the softmax. Without the floor
 #: a row whose logits span more than ~87 nats (common once the temperature has grown) gives exp
-#: arguments that underflow, on which torch's vectorised exp is ~70x slower, and denormal
-#: probabilities, on which the two N x K matmuls of the backward are 5-10x slower
+#: arguments that underflow, on which torch's vectorised exp is 20-70x slower, and denormal
+#: probabilities, which slow the backward's matmuls as well: 6x on a whole step
 #: (``benchmarks/bench_exp_underflow.py``). What the floor changes is at most exp(-30) ~ 1e-13 per
 #: entry relative to the row's largest probability, below fp32 resolution for K up to ~10^6.
 EXP_FLOOR = 30.0

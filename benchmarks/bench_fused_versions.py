@@ -1,0 +1,94 @@
+"""The fused HALO loss of an earlier commit against the current one, in one process.
+
+Usage: python benchmarks/bench_fused_versions.py [--commit 8c41247] [--repeats 41]
+
+The development machines are shared VMs whose speed drifts between sessions,
+so a change to the fused loss is judged here: the file
+``halo_embed/losses/fused.py`` of ``--commit`` (read with ``git show``) is loaded
+beside the current one, and both run inside the same ``HALOLoss`` against
+``F.linear`` + ``F.cross_entropy(label_smoothing=0.1)``, interleaved, forward +
+backward, at the sizes of ``bench_halo_loss.py`` and on "wide" data (embeddings
+scaled by 12, so most logits lie far below their row's maximum, as after
+training with a large temperature).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _common import interleaved_times, print_table, save
+
+from halo_embed import HALOLoss, geometry
+from halo_embed.losses import fused as current
+from halo_embed.losses import halo as halo_module
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {"1024x512x1000": (1024, 512, 1000, 1.0), "4096x128x100": (4096, 128, 100, 1.0),
+         "4096x128x100 wide": (4096, 128, 100, 12.0)}
+
+
+def load_fused_at(commit: str):
+    source = subprocess.run(["git", "show", f"{commit}:halo_embed/losses/fused.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    if not hasattr(geometry, "radial_nll_grad"):   # merged into radial_nll_and_grad since 8c41247
+        geometry.radial_nll_grad = lambda r_sq, d: geometry.radial_nll_and_grad(r_sq, d)[1]
+    path = Path(tempfile.mkdtemp()) / "fused_old.py"
+    path.write_text(source)
+    # a submodule of halo_embed.losses, so that its relative imports resolve as in the package
+    spec = importlib.util.spec_from_file_location("halo_embed.losses._fused_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commit", default="8c41247")
+    parser.add_argument("--repeats", type=int, default=41)
+    args = parser.parse_args()
+    old = load_fused_at(args.commit)
+    rows, payload = [], {"commit": args.commit}
+    for name, (n, d, k, scale) in CASES.items():
+        g = torch.Generator().manual_seed(0)
+        x = (scale * torch.randn(n, d, generator=g)).requires_grad_(True)
+        w = torch.randn(k, d, generator=g).requires_grad_(True)
+        y = torch.randint(0, k, (n,), generator=g)
+        loss_fn = HALOLoss(d, k)
+
+        def baseline():
+            F.cross_entropy(F.linear(x, w), y, label_smoothing=0.1).backward()
+            x.grad = w.grad = None
+
+        def halo(module):
+            def run():
+                halo_module.fused_halo_cross_entropy, halo_module.Positives = (
+                    module.fused_halo_cross_entropy, module.Positives)
+                loss, _ = loss_fn(x, y, w)
+                loss.backward()
+                x.grad = w.grad = loss_fn.gamma.grad = None
+            return run
+
+        try:
+            times = interleaved_times({"linear+cross_entropy": baseline, f"fused at {args.commit}": halo(old),
+                                       "fused now": halo(current)}, repeats=args.repeats, warmup=3)
+        finally:
+            halo_module.fused_halo_cross_entropy, halo_module.Positives = (
+                current.fused_halo_cross_entropy, current.Positives)
+        base = times["linear+cross_entropy"]
+        rows += [[name, variant, f"{1000 * t:.2f}", f"{t / base:.2f}"] for variant, t in times.items()]
+        payload[name] = times
+    print(f"forward+backward on cpu, {torch.get_num_threads()} threads, same process")
+    print_table(["N x D x K", "variant", "ms", "time ratio"], rows)
+    save("fused_versions", payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
