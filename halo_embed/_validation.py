@@ -136,10 +136,8 @@ def raise_if_not_finite(result: Tensor, inputs: Sequence[tuple[str, Tensor]]) ->
     over every input: NaN and inf inputs always reach the loss, so the inputs
     are only inspected once the result is known to be bad.
     """
-    if result.numel() == 1 and result.device.type == "cpu":
-        if math.isfinite(result.item()):   # one op instead of isfinite's four and all's one
-            return
-    elif bool(torch.isfinite(result).all()):
+    # a scalar through item(): one op instead of isfinite's four and all's one (both sync the device)
+    if math.isfinite(result.item()) if result.numel() == 1 else bool(torch.isfinite(result).all()):
         return
     for name, value in inputs:
         if not bool(torch.isfinite(value).all()):

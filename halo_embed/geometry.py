@@ -266,15 +266,16 @@ def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
     """
     volume_coeff = 0.5 - 1.0 / float(emb_dims)
     floor = torch.finfo(torch.float32).tiny
-    return -(volume_coeff * torch.log(r_sq.clamp_min(floor)) - 0.5 * r_sq)
+    # in place on log's output: autograd needs only log's input, and the fused loss calls this per block
+    return torch.log(r_sq.clamp_min(floor)).mul_(-volume_coeff).add_(r_sq, alpha=0.5)
 
 
 def radial_nll_and_grad(r_sq: Tensor, emb_dims: int) -> tuple[Tensor, Tensor]:
     """:func:`radial_nll` and ``d radial_nll / d r_sq`` together, for the fused loss (no autograd).
 
     The derivative is ``1/2 - (1/2 - 1/D) / r_sq``, and ``1/2`` at or below the
-    floor (as autograd gives through the clamp). One clamp serves both, and
-    the ops are in place: the fused loss calls this once per block.
+    floor (as autograd gives through the clamp), formed in place: the fused
+    loss calls this once per block.
 
     Args:
         r_sq: ``(N,)`` mean-square distances to the assigned prototype.
@@ -285,10 +286,8 @@ def radial_nll_and_grad(r_sq: Tensor, emb_dims: int) -> tuple[Tensor, Tensor]:
     """
     volume_coeff = 0.5 - 1.0 / float(emb_dims)
     floor = torch.finfo(torch.float32).tiny
-    safe = r_sq.clamp_min(floor)
-    nll = torch.log(safe).mul_(-volume_coeff).add_(r_sq, alpha=0.5)
-    grad = torch.where(r_sq > floor, safe.reciprocal_().mul_(-volume_coeff).add_(0.5), 0.5)
-    return nll, grad
+    grad = r_sq.clamp_min(floor).reciprocal_().mul_(-volume_coeff).add_(0.5)
+    return radial_nll(r_sq, emb_dims), torch.where(r_sq > floor, grad, 0.5)
 
 
 # --------------------------------------------------------------------------

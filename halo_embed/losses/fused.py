@@ -49,7 +49,7 @@ __all__ = ["Positives", "fused_halo_cross_entropy"]
 #: Softmax arguments more than this many nats below their row's maximum are raised to it, and so
 #: is the abstain column's lead over the candidates when it scales the softmax. Without the floor
 #: a row whose logits span more than ~87 nats (common once the temperature has grown) gives exp
-#: arguments that underflow, on which torch's vectorised exp is 20-70x slower, and denormal
+#: arguments that underflow, on which torch's vectorised exp is ~20x slower, and denormal
 #: probabilities, which slow the backward's matmuls as well: 6x on a whole step
 #: (``benchmarks/bench_exp_underflow.py``). What the floor changes is at most exp(-30) ~ 1e-13 per
 #: entry relative to the row's largest probability, below fp32 resolution for K up to ~10^6.
@@ -265,7 +265,7 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial = ctx.setup
         x, c, gamma = ctx.saved_tensors
         g = float(gamma)
-        centroid_sq = None if ctx.precomputed is not None and not want_true else _row_mean_square(c)
+        centroid_sq = _row_mean_square(c)
         pre, ctx.precomputed = ctx.precomputed, None
         if grad_out is not None and reduction != "none":
             if pre is None:  # a second backward through a retained graph: the same operations again
@@ -288,8 +288,9 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
                 xb = x[rows]
                 s = geometry.shifted_logits_addmm(xb, c, g, centroid_sq)
                 # true = min(s - g|x|^2/D, 0): the gradient passes where the clamp did not act
-                passes = (s - g * geometry.mean_square(xb)) <= 0
-                grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=s.dtype, device=s.device))
+                # (|x|^2/D as in the forward, so that the mask matches the clamp exactly)
+                passes = s.sub_(_row_mean_square(xb).mul_(g).unsqueeze(1)) <= 0
+                grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=xb.dtype, device=xb.device))
                 _accumulate(grads, grad, xb, c, g, centroid_sq, rows, x_sq_weight=grad.sum(dim=1))
         return (_x_grad(grads, x), grads["c"], grads["g"].reshape(gamma.shape),
                 None, None, None, None, None, None, None, None)
