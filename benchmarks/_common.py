@@ -134,3 +134,36 @@ def memory_worker(setup: Callable[[], Any], step: Callable[[Any], object]) -> No
         step(state)
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     print(json.dumps({"extra_mb": extra}))
+
+
+class LossSteps:
+    """One forward + backward of HALOLoss (fused) and of F.linear + F.cross_entropy(ls=0.1) on the same tensors.
+
+    ``x`` (N, D) standard normal times ``scale``, class weights / centroids ``w`` (K, D), labels ``y``;
+    seeded, so every script that uses the same sizes times the same data. :meth:`halo` takes an
+    optional ``prepare`` callable run at the start of each HALO step (to switch an implementation
+    detail between interleaved variants).
+    """
+
+    def __init__(self, n: int, d: int, k: int, scale: float = 1.0, seed: int = 0) -> None:
+        from halo_embed import HALOLoss
+
+        g = torch.Generator().manual_seed(seed)
+        self.x = (scale * torch.randn(n, d, generator=g)).requires_grad_(True)
+        self.w = torch.randn(k, d, generator=g).requires_grad_(True)
+        self.y = torch.randint(0, k, (n,), generator=g)
+        self.loss_fn = HALOLoss(d, k)
+
+    def cross_entropy(self) -> None:
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(self.x, self.w), self.y,
+                                          label_smoothing=0.1).backward()
+        self.x.grad = self.w.grad = None
+
+    def halo(self, prepare: Callable[[], object] | None = None) -> Callable[[], None]:
+        def step() -> None:
+            if prepare is not None:
+                prepare()
+            loss, _ = self.loss_fn(self.x, self.y, self.w)
+            loss.backward()
+            self.x.grad = self.w.grad = self.loss_fn.gamma.grad = None
+        return step

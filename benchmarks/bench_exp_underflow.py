@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from _common import interleaved_times, print_table, save
+from _common import LossSteps, interleaved_times, print_table, save
 
-from halo_embed import HALOLoss, geometry
+from halo_embed import geometry
 from halo_embed.losses import fused
 
 
@@ -40,31 +39,19 @@ def main() -> None:
     print_table(["op", "ms"], rows)
 
     n, d, k = 4096, 128, 100
-    x = (12.0 * torch.randn(n, d, generator=g)).requires_grad_(True)
-    w = torch.randn(k, d, generator=g).requires_grad_(True)
-    y = torch.randint(0, k, (n,), generator=g)
-    loss_fn = HALOLoss(d, k)
+    data = LossSteps(n, d, k, scale=12.0)
     with torch.no_grad():
-        s = geometry.shifted_logits(x, w, loss_fn.effective_gamma)
+        s = geometry.shifted_logits(data.x, data.w, data.loss_fn.effective_gamma)
         far = ((s.amax(1, keepdim=True) - s) > 87.0).float().mean().item()
 
-    def halo(floor: float):
-        def run():
-            fused.EXP_FLOOR = floor
-            loss, _ = loss_fn(x, y, w)
-            loss.backward()
-            x.grad = w.grad = loss_fn.gamma.grad = None
-        return run
-
-    def cross_entropy():
-        F.cross_entropy(F.linear(x, w), y, label_smoothing=0.1).backward()
-        x.grad = w.grad = None
+    def floor(value: float):
+        return lambda: setattr(fused, "EXP_FLOOR", value)
 
     default_floor = fused.EXP_FLOOR
     try:
-        loss_times = interleaved_times({"linear+cross_entropy": cross_entropy,
-                                        f"halo fused, floor {default_floor:g}": halo(default_floor),
-                                        "halo fused, no floor": halo(float("inf"))},
+        loss_times = interleaved_times({"linear+cross_entropy": data.cross_entropy,
+                                        f"halo fused, floor {default_floor:g}": data.halo(floor(default_floor)),
+                                        "halo fused, no floor": data.halo(floor(float("inf")))},
                                        repeats=args.repeats, warmup=2)
     finally:
         fused.EXP_FLOOR = default_floor

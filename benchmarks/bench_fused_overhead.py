@@ -16,12 +16,9 @@ import argparse
 import resource
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _common import interleaved_times, print_table, save
-
-from halo_embed import HALOLoss
+from _common import LossSteps, interleaved_times, print_table, save
 
 
 class _CountOps(TorchDispatchMode):
@@ -35,22 +32,8 @@ class _CountOps(TorchDispatchMode):
 
 
 def steps(n: int, d: int, k: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g).requires_grad_(True)
-    w = torch.randn(k, d, generator=g).requires_grad_(True)
-    y = torch.randint(0, k, (n,), generator=g)
-    loss_fn = HALOLoss(d, k)
-
-    def cross_entropy():
-        F.cross_entropy(F.linear(x, w), y, label_smoothing=0.1).backward()
-        x.grad = w.grad = None
-
-    def halo():
-        loss, _ = loss_fn(x, y, w)
-        loss.backward()
-        x.grad = w.grad = loss_fn.gamma.grad = None
-
-    return {"linear+cross_entropy": cross_entropy, "halo fused": halo}
+    data = LossSteps(n, d, k)
+    return {"linear+cross_entropy": data.cross_entropy, "halo fused": data.halo()}
 
 
 def faults_per_step(step, repeats: int = 20) -> float:

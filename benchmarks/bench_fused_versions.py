@@ -22,17 +22,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from _common import interleaved_times, print_table, save
+from _common import LossSteps, interleaved_times, print_table, save
 
-from halo_embed import HALOLoss, geometry
+from halo_embed import geometry
 from halo_embed.losses import fused as current
 from halo_embed.losses import halo as halo_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"1024x512x1000": (1024, 512, 1000, 1.0), "4096x128x100": (4096, 128, 100, 1.0),
          "4096x128x100 wide": (4096, 128, 100, 12.0)}
+
+
+def setattr_many(target, **values) -> None:
+    for name, value in values.items():
+        setattr(target, name, value)
 
 
 def load_fused_at(commit: str):
@@ -57,31 +61,18 @@ def main() -> None:
     old = load_fused_at(args.commit)
     rows, payload = [], {"commit": args.commit}
     for name, (n, d, k, scale) in CASES.items():
-        g = torch.Generator().manual_seed(0)
-        x = (scale * torch.randn(n, d, generator=g)).requires_grad_(True)
-        w = torch.randn(k, d, generator=g).requires_grad_(True)
-        y = torch.randint(0, k, (n,), generator=g)
-        loss_fn = HALOLoss(d, k)
+        data = LossSteps(n, d, k, scale)
 
-        def baseline():
-            F.cross_entropy(F.linear(x, w), y, label_smoothing=0.1).backward()
-            x.grad = w.grad = None
-
-        def halo(module):
-            def run():
-                halo_module.fused_halo_cross_entropy, halo_module.Positives = (
-                    module.fused_halo_cross_entropy, module.Positives)
-                loss, _ = loss_fn(x, y, w)
-                loss.backward()
-                x.grad = w.grad = loss_fn.gamma.grad = None
-            return run
+        def use(module):   # run HALOLoss through this version of the fused function
+            return lambda: setattr_many(halo_module, fused_halo_cross_entropy=module.fused_halo_cross_entropy,
+                                        Positives=module.Positives)
 
         try:
-            times = interleaved_times({"linear+cross_entropy": baseline, f"fused at {args.commit}": halo(old),
-                                       "fused now": halo(current)}, repeats=args.repeats, warmup=3)
+            times = interleaved_times({"linear+cross_entropy": data.cross_entropy,
+                                       f"fused at {args.commit}": data.halo(use(old)),
+                                       "fused now": data.halo(use(current))}, repeats=args.repeats, warmup=3)
         finally:
-            halo_module.fused_halo_cross_entropy, halo_module.Positives = (
-                current.fused_halo_cross_entropy, current.Positives)
+            use(current)()
         base = times["linear+cross_entropy"]
         rows += [[name, variant, f"{1000 * t:.2f}", f"{t / base:.2f}"] for variant, t in times.items()]
         payload[name] = times

@@ -49,7 +49,7 @@ __all__ = ["Positives", "fused_halo_cross_entropy"]
 #: Softmax arguments more than this many nats below their row's maximum are raised to it, and so
 #: is the abstain column's lead over the candidates when it scales the softmax. Without the floor
 #: a row whose logits span more than ~87 nats (common once the temperature has grown) gives exp
-#: arguments that underflow, on which torch's vectorised exp is ~20x slower, and denormal
+#: arguments that underflow, on which torch's vectorised exp is 20-50x slower, and denormal
 #: probabilities, which slow the backward's matmuls as well: 6x on a whole step
 #: (``benchmarks/bench_exp_underflow.py``). What the floor changes is at most exp(-30) ~ 1e-13 per
 #: entry relative to the row's largest probability, below fp32 resolution for K up to ~10^6.
