@@ -121,5 +121,78 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
 def test_presets_and_validation():
     config = cifar.apply_preset(cifar.CifarConfig(preset="small", epochs=7), explicit={"epochs"})
     assert config.width == 16 and config.epochs == 7 and config.train_limit == 10000
+    medium = cifar.apply_preset(cifar.CifarConfig(preset="medium"), explicit=set())
+    assert (medium.width, medium.epochs, medium.train_limit) == (16, 8, 20000)
+    with pytest.raises(ValueError, match="--seeds must be >= 1, got 0"):
+        cifar.validate(cifar.CifarConfig(seeds=0))
+    with pytest.raises(ValueError, match="--dataset imagefolder needs --near-ood and --far-ood"):
+        cifar.validate(cifar.CifarConfig(dataset="imagefolder"))
     with pytest.raises(ValueError, match="--width must be >= 1"):
         cifar.validate(cifar.CifarConfig(width=0))
+
+
+def test_init_gamma_option(tiny_cifar, tmp_path):
+    assert parse(["--init-gamma", "reference"]).init_gamma is None
+    assert parse(["--init-gamma", "2.5"]).init_gamma == 2.5
+    with pytest.raises(SystemExit):
+        parse(["--init-gamma", "warm"])
+    with pytest.raises(ValueError, match="--init-gamma must be a positive temperature or 'reference', got -1.0"):
+        cifar.validate(cifar.CifarConfig(init_gamma=-1.0))
+    _, criterion = cifar.build(cifar.CifarConfig(loss="halo", width=4, init_gamma=2.5), 10)
+    assert criterion.effective_gamma.item() == pytest.approx(2.5)
+    _, reference = cifar.build(cifar.CifarConfig(loss="halo", width=4, init_gamma=None), 10)
+    assert reference.effective_gamma.item() == pytest.approx(50 / 3)
+
+
+def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):
+    """--seeds 2: one run folder per seed and loss, a report whose means are the per-seed means; a second
+    invocation with --resume latest trains nothing more and reports the same numbers."""
+    argv = ["compare", *common(tiny_cifar, tmp_path), "--epochs", "1", "--name", "multi", "--seeds", "2",
+            "--seed", "3", "--resume", "latest"]
+    assert cifar.run(parse(argv), argv) == 0
+    root = tmp_path / "multi"
+    payload = json.loads((root / "metrics.json").read_text())
+    assert payload["seeds"] == [3, 4]
+    for loss in ("cce", "halo"):
+        per_seed = payload[loss]["per_seed"]
+        for seed, run in zip((3, 4), per_seed):
+            metrics = json.loads((root / f"seed-{seed}" / loss / "metrics.json").read_text())["metrics"]
+            assert run["accuracy"] == metrics["accuracy"]
+            assert json.loads((root / f"seed-{seed}" / loss / "config.json").read_text())["seed"] == seed
+        accuracies = [run["accuracy"] for run in per_seed]
+        assert payload[loss]["mean"]["accuracy"] == pytest.approx(sum(accuracies) / 2)
+        assert payload[loss]["std"]["accuracy"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5)
+        assert {"far_auroc[msp]", "near_auroc[msp]"} <= set(payload[loss]["mean"])
+    assert set(payload["halo"]["mean"]) >= {"far_auroc[not_abstain]", "far_auroc[neg_distance]"}
+    report = (root / "report.md").read_text()
+    assert "| metric | CCE (mean ± std) | HALO (mean ± std) | CCE (published) | HALO (published) |" in report
+    assert "HALO seed 4" in report
+    checkpoint = root / "seed-4" / "halo" / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert cifar.run(parse(argv), argv) == 0
+    assert checkpoint.stat().st_mtime_ns == stamp  # resumed at its last epoch: nothing trained, nothing saved
+    assert json.loads((root / "metrics.json").read_text())["halo"]["per_seed"] == payload["halo"]["per_seed"]
+    with pytest.raises(ValueError, match="--resume with --seeds takes 'latest'"):
+        bad = [*argv[:-1], "some/checkpoint.pt"]
+        cifar.run(parse(bad), bad)
+
+
+def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
+    """--dataset imagefolder: K from the folders (here 4 of the 10), D = K, no published columns."""
+    root = tmp_path / "four"
+    for split in ("train", "test"):
+        for name in NAMES[:4]:
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / split / name).symlink_to(tiny_cifar / split / name)
+    argv = ["compare", *common(tiny_cifar, tmp_path), "--data-dir", str(root), "--dataset", "imagefolder",
+            "--epochs", "1", "--name", "four"]
+    assert cifar.run(parse(argv), argv) == 0
+    report = (tmp_path / "four" / "report.md").read_text()
+    assert "| metric | CCE | HALO |" in report and "(published)" not in report
+    config = json.loads((tmp_path / "four" / "halo" / "metrics.json").read_text())["config"]
+    assert config["dataset"] == "imagefolder"
+    checkpoint = torch.load(tmp_path / "four" / "halo" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["model"]["centroids"].shape == (4, 4)
+    with pytest.raises(FileNotFoundError, match="needs .*/train/<class>/ and .*/test/<class>/ folders"):
+        cifar.load_data(cifar.CifarConfig(dataset="imagefolder", data_dir=str(tmp_path / "nowhere"),
+                                          near_ood=["x"], far_ood=["y"]))

@@ -241,6 +241,10 @@ def test_training_reduces_loss_and_separates_classes():
         (dict(emb_dims=8, num_classes=3, label_smoothing=1.0), ValueError, "label_smoothing must be < 1"),
         (dict(emb_dims=8, num_classes=3, label_smoothing=-0.1), ValueError, "label_smoothing must be >= 0"),
         (dict(emb_dims=8, num_classes=3, distill=1), TypeError, "distill must be a bool"),
+        (dict(emb_dims=8, num_classes=3, init_gamma=0.0), ValueError, "init_gamma must be a positive temperature, got 0.0"),
+        (dict(emb_dims=8, num_classes=3, init_gamma=-2), ValueError, "init_gamma must be a positive temperature"),
+        (dict(emb_dims=8, num_classes=3, init_gamma=float("nan")), ValueError, "init_gamma must be finite"),
+        (dict(emb_dims=8, num_classes=3, init_gamma="2"), TypeError, "init_gamma must be a real number, got str"),
     ],
 )
 def test_constructor_validation(kwargs, error, match):
@@ -293,3 +297,50 @@ def test_initial_constants_by_hand():
     gamma0 = 20 / (1 + 2 / 512)
     assert math.isclose(loss_fn.effective_gamma.item(), gamma0, rel_tol=1e-6)
     assert math.isclose(loss_fn.abstain_bias, gamma0 * 2 / 512 - math.log(0.7003 / 0.0003), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("init_gamma", [0.5, 2.0, 25.0])
+def test_init_gamma_sets_only_the_starting_temperature(init_gamma):
+    """The start is ``init_gamma`` (below and above softplus's identity range); the abstain bias stays the reference's."""
+    loss_fn = HALOLoss(10, 10, init_gamma=init_gamma)
+    assert math.isclose(loss_fn.effective_gamma.item(), init_gamma, rel_tol=1e-6)
+    assert loss_fn.abstain_bias == HALOLoss(10, 10).abstain_bias
+    assert loss_fn.init_gamma == init_gamma and HALOLoss(10, 10).init_gamma is None
+
+
+@pytest.mark.parametrize("implementation,chunk_size", [("faithful", None), ("fused", None), ("fused", 5)])
+@pytest.mark.parametrize("distill", [True, False])
+def test_init_gamma_matches_the_reference_at_that_temperature(implementation, chunk_size, distill):
+    """With ``init_gamma`` every implementation equals the reference whose gamma is set to the same value."""
+    pos, target, cen = make_batch(n=16, d=10, k=10, seed=5)
+    ours = HALOLoss(10, 10, distill=distill, init_gamma=2.0, implementation=implementation, chunk_size=chunk_size)
+    ref = ReferenceHALOLoss(10, 10, distill=distill)
+    with torch.no_grad():
+        ref.gamma.copy_(ours.gamma)
+    results = []
+    for loss_fn in (ours, ref):
+        p, c = pos.clone().requires_grad_(True), cen.clone().requires_grad_(True)
+        loss, _ = loss_fn(p, target, c, torch.arange(10))  # the chunked loss returns no true logits
+        loss.backward()
+        results.append((loss.detach(), p.grad, c.grad, loss_fn.gamma.grad))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_init_gamma_trains_and_resumes():
+    """A loss started at ``init_gamma`` learns its temperature, and its state dict restores it exactly."""
+    torch.manual_seed(0)
+    model = HALOModel(torch.nn.Linear(6, 4), 3, 4)
+    loss_fn = HALOLoss(4, 3, init_gamma=1.5)
+    optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        loss, _ = loss_fn(*model(x)[:1], y, model(x)[1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert math.isfinite(loss.item()) and loss_fn.effective_gamma.item() != pytest.approx(1.5)
+    restored = HALOLoss(4, 3)  # built with the default start, then loaded
+    restored.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(restored.gamma, loss_fn.gamma)

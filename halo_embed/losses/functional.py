@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import geometry
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_float, check_int
 
 __all__ = ["IMPLEMENTATIONS", "HALOLossBase", "halo_cross_entropy", "reduce"]
 
@@ -18,13 +18,26 @@ IMPLEMENTATIONS = ("fused", "faithful")
 class HALOLossBase(nn.Module):
     """What every HALO loss holds: the learnable temperature and the choice of implementation."""
 
-    def _setup(self, emb_dims: int, learn_gamma: bool, implementation: str, chunk_size: int | None) -> None:
+    def _setup(
+        self,
+        emb_dims: int,
+        learn_gamma: bool,
+        implementation: str,
+        chunk_size: int | None,
+        init_gamma: float | None = None,
+    ) -> None:
         self.implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         if self.chunk_size is not None and self.implementation != "fused":
             raise ValueError("chunk_size needs implementation='fused'")
+        if init_gamma is not None:
+            init_gamma = check_float("init_gamma", init_gamma)
+            if init_gamma <= 0:
+                raise ValueError(f"init_gamma must be a positive temperature, got {init_gamma}")
+        self.init_gamma = init_gamma
         # the raw parameter is named `gamma`, as in the reference (state dicts load across)
-        gamma_start = geometry.inverse_softplus(geometry.initial_gamma(emb_dims))
+        start = geometry.initial_gamma(emb_dims) if init_gamma is None else init_gamma
+        gamma_start = geometry.inverse_softplus(start)
         self.gamma = nn.Parameter(torch.tensor([gamma_start], dtype=torch.float32), requires_grad=learn_gamma)
 
     @property

@@ -101,6 +101,14 @@ class HALOLoss(HALOLossBase):
         chunk_size: with the fused implementation, process this many rows at a
             time so the ``N x K`` logits never exist (label spaces of 100k+
             classes); the returned true logits are then ``None``.
+        init_gamma: the effective temperature to start from. ``None`` (the
+            default) is the reference's ``20 / (2 - (1 - 2/D))`` (16.7 for
+            ``D = 10``). That value gives randomly initialised centroids logits
+            spread over ~10 nats, so the first steps are spent shrinking the
+            centroids and the temperature; a start of 1-3 trains as fast as
+            cross-entropy (``experiments/cifar_halo_dynamics.py``, README). Only
+            the start changes: the temperature is still learnt (``learn_gamma``)
+            and the abstain bias stays the reference's fixed value.
 
     Attributes:
         gamma: raw temperature parameter, shape ``(1,)``; the effective value
@@ -124,6 +132,7 @@ class HALOLoss(HALOLossBase):
         reduction: str = "mean",
         implementation: str = "fused",
         chunk_size: int | None = None,
+        init_gamma: float | None = None,
     ) -> None:
         super().__init__()
         self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
@@ -134,7 +143,7 @@ class HALOLoss(HALOLossBase):
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size)
+        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size, init_gamma)
         # Same attribute names as the reference, for code that reads them.
         self.D = float(self.emb_dims)
         self.K = float(self.num_classes)
@@ -148,7 +157,7 @@ class HALOLoss(HALOLossBase):
             f"learn_gamma={self.learn_gamma}, distill={self.distill}, "
             f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
             f"implementation={self.implementation!r}, chunk_size={self.chunk_size}, "
-            f"abstain_bias={self.abstain_bias:.4f}"
+            f"init_gamma={self.init_gamma}, abstain_bias={self.abstain_bias:.4f}"
         )
 
     def _check(

@@ -2,28 +2,38 @@
 
     halo-embed cifar compare --dataset cifar10 --data-dir data --download          # both losses, one report
     halo-embed cifar --loss halo --dataset cifar100 --data-dir data
-    halo-embed cifar compare --preset small --data-dir runs/data/cifar10 \\
+    halo-embed cifar compare --preset medium --seeds 3 --data-dir runs/data/cifar10 \\
         --near-ood ../shared/datasets/cifar100-partial.npz --far-ood ../shared/datasets/svhn-partial.npz
+    halo-embed cifar compare --dataset imagefolder --data-dir my_images --near-ood unknown/ --far-ood svhn
 
 What it produces: ``<output>/<name>/{cce,halo}/`` with ``report.md``,
 ``metrics.json``, plots and a resumable ``checkpoint.pt``, and for ``compare``
 a side-by-side report in the published table's layout (ID accuracy, ECE,
 far-OOD SVHN and near-OOD CIFAR-100/-10 AUROC and FPR@95) with the published
-numbers as extra columns. Measured results on this project's hardware are in
-README.md; the published ones (200-epoch-class GPU training) need the
-``full`` preset on a GPU.
+numbers as extra columns; with ``--seeds N``, one run per seed under
+``<output>/<name>/seed-<s>/`` and a report of mean ± std over seeds. Measured
+results on this project's hardware (2 CPU cores, ``small`` and ``medium``
+presets) are in README.md; the published ones (200-epoch-class GPU training)
+need the ``full`` preset on a GPU.
 
 Method (defaults in :class:`CifarConfig`):
 
-1. Seeds first; batch order and augmentation (random crop with 4-pixel
-   padding, horizontal flip) depend only on ``(seed, epoch)``. The data live in
+1. Seeds first; initialisation, batch order and augmentation (random crop
+   with 4-pixel padding, horizontal flip) depend only on ``(seed, epoch)``; the
+   training and test subsets do not depend on the seed. The data live in
    memory as one uint8 tensor, on the GPU when one is used.
 2. Model: ResNet-18 in its CIFAR form (3x3 stem, no max-pool). CCE: its
    linear head gives the class logits; HALO: the same head gives a
    ``D``-dimensional embedding (``D`` = number of classes, as published) and
    :class:`~halo_embed.HALOModel` holds the centroids.
-3. Losses: ``cce`` = cross-entropy with label smoothing 0.1; ``halo`` = the
-   faithful :class:`~halo_embed.HALOLoss` (label smoothing 0.1, distillation).
+3. Losses: ``cce`` = cross-entropy with label smoothing 0.1; ``halo`` =
+   :class:`~halo_embed.HALOLoss` (the reference's loss: label smoothing 0.1,
+   distillation) with its temperature started at ``init_gamma``. The
+   reference's start, 20/(2 - (1 - 2/D)) = 16.7 for D = 10, spreads the
+   initial class logits over ~10 nats; the first steps then shrink the
+   centroids onto each other and HALO learns far slower than CCE
+   (``experiments/cifar_halo_dynamics.py``). ``--init-gamma reference``
+   restores it.
 4. Optimisation: SGD (momentum 0.9, Nesterov), weight decay 5e-4 on the
    network and centroids (none on HALO's temperature), LR 0.1 x batch/128 with
    a one-epoch linear warm-up and cosine decay; bf16 autocast and
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -62,6 +73,7 @@ from .common import (
 from .resnet import CifarResNet18
 
 LOSSES = ("cce", "halo")
+DATASETS = ("cifar10", "cifar100", "imagefolder")
 PRIMARY_SCORE = {"cce": "msp", "halo": "not_abstain"}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -88,6 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores: a narrower network, a data subset and a few epochs (minutes)
     "small": {"width": 16, "epochs": 4, "train_limit": 10000, "test_limit": 2000, "ood_limit": 1000,
               "batch_size": 128},
+    # 2 CPU cores, ~6 minutes per run: the same network on twice the images for twice the epochs
+    "medium": {"width": 16, "epochs": 8, "train_limit": 20000, "test_limit": 2000, "ood_limit": 1000,
+               "batch_size": 128},
 }
 
 
@@ -95,13 +110,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 class CifarConfig:
     """Every option of the CIFAR recipe and its default."""
 
-    dataset: str = "cifar10"                 # cifar10 | cifar100 (ID)
+    dataset: str = "cifar10"                 # cifar10 | cifar100 | imagefolder (any classes: train/ and test/ folders)
     data_dir: str = "data"                   # torchvision root, or an ImageFolder with train/ and test/
     download: bool = False
     near_ood: list[str] = field(default_factory=list)   # default: the other CIFAR
     far_ood: list[str] = field(default_factory=list)    # default: svhn
     loss: str = "halo"
     emb_dims: int | None = None              # HALO embedding size; default = number of classes
+    init_gamma: float | None = None          # HALO's starting temperature; None = the reference's 20/(2-(1-2/D))
     width: int = 64                          # ResNet-18 stage-1 channels (64 = standard)
     epochs: int = 200
     batch_size: int = 128
@@ -114,7 +130,8 @@ class CifarConfig:
     test_limit: int | None = None
     ood_limit: int | None = None
     preset: str | None = None
-    seed: int = 0
+    seed: int = 0                            # initialisation, batch order, augmentation (the data subsets are fixed)
+    seeds: int = 1                           # compare: run seeds seed, seed+1, ... and report mean and std
     device: str | None = None                # default: cuda if available
     output: str = "runs"
     name: str | None = None
@@ -134,16 +151,25 @@ def apply_preset(config: CifarConfig, explicit: set[str]) -> CifarConfig:
     return replace(config, **{k: v for k, v in PRESETS[config.preset].items() if k not in explicit})
 
 
+def published_columns(dataset: str) -> dict[str, dict[str, float]]:
+    """The reference's numbers for ``dataset`` in the order of :data:`LOSSES` (none for an image folder)."""
+    return {loss: PUBLISHED[dataset][loss] for loss in LOSSES} if dataset in PUBLISHED else {}
+
+
 def validate(config: CifarConfig) -> None:
-    if config.dataset not in ("cifar10", "cifar100"):
-        raise ValueError(f"--dataset must be cifar10 or cifar100, got {config.dataset!r}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {DATASETS}, got {config.dataset!r}")
+    if config.dataset == "imagefolder" and not (config.near_ood and config.far_ood):
+        raise ValueError("--dataset imagefolder needs --near-ood and --far-ood (there is no default OOD set)")
     if config.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {LOSSES}, got {config.loss!r}")
-    for name in ("width", "epochs", "batch_size"):
+    for name in ("width", "epochs", "batch_size", "seeds"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.emb_dims is not None and config.emb_dims < 2:
         raise ValueError(f"--emb-dims must be >= 2, got {config.emb_dims}")
+    if config.init_gamma is not None and not config.init_gamma > 0:
+        raise ValueError(f"--init-gamma must be a positive temperature or 'reference', got {config.init_gamma}")
 
 
 # ---------------------------------------------------------------------------
@@ -160,27 +186,29 @@ class CifarData:
     classes: list[str]
 
 
-def load_data(config: CifarConfig) -> CifarData:
-    """ID train/test (torchvision or an ImageFolder copy) and the near/far OOD sets."""
+def load_data(config: CifarConfig, with_ood: bool = True) -> CifarData:
+    """ID train/test (torchvision or an ImageFolder copy) and (``with_ood``) the near/far OOD sets."""
     from ..data.arrays import load_image_folder, load_ood, load_torchvision
 
     root = Path(config.data_dir)
     if (root / "train").is_dir() and (root / "test").is_dir():
         train = load_image_folder(root / "train")
         test = load_image_folder(root / "test", classes=train.classes)
+    elif config.dataset == "imagefolder":
+        raise FileNotFoundError(f"--dataset imagefolder needs {root}/train/<class>/ and {root}/test/<class>/ folders")
     else:
         train = load_torchvision(config.dataset, root, train=True, download=config.download)
         test = load_torchvision(config.dataset, root, train=False, download=config.download)
-    expected = 10 if config.dataset == "cifar10" else 100
-    if len(train.classes or []) != expected:
+    expected = {"cifar10": 10, "cifar100": 100}.get(config.dataset)
+    if expected is not None and len(train.classes or []) != expected:
         raise ValueError(f"{config.dataset} needs {expected} classes, {root} has {len(train.classes or [])}")
     near_specs = config.near_ood or ["cifar100" if config.dataset == "cifar10" else "cifar10"]
     far_specs = config.far_ood or ["svhn"]
     load = lambda spec: load_ood(spec, root, config.download, config.ood_limit)  # noqa: E731
-    near = {a.name: a for a in map(load, near_specs)}
-    far = {a.name: a for a in map(load, far_specs)}
-    return CifarData(train.subset(config.train_limit, config.seed), test.subset(config.test_limit, config.seed),
-                     near, far, list(train.classes))
+    near = {a.name: a for a in map(load, near_specs)} if with_ood else {}
+    far = {a.name: a for a in map(load, far_specs)} if with_ood else {}
+    # the subsets do not depend on --seed: every seed trains and is evaluated on the same images
+    return CifarData(train.subset(config.train_limit), test.subset(config.test_limit), near, far, list(train.classes))
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +223,19 @@ def build(config: CifarConfig, num_classes: int) -> tuple[nn.Module, nn.Module]:
         return CifarResNet18(num_classes, config.width), nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     d = config.emb_dims or num_classes
     model = HALOModel(CifarResNet18(d, config.width), num_classes, d)
-    return model, HALOLoss(d, num_classes, label_smoothing=config.label_smoothing)
+    return model, HALOLoss(d, num_classes, label_smoothing=config.label_smoothing, init_gamma=config.init_gamma)
+
+
+def optimizer_and_schedule(config: CifarConfig, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
+    """SGD (Nesterov) with weight decay on the network and centroids, none on HALO's temperature;
+    LR ``lr x batch / 128`` with a linear warm-up over ``warmup_epochs`` and cosine decay to 0."""
+    optimizer = torch.optim.SGD(
+        [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
+         {"params": list(criterion.parameters()), "weight_decay": 0.0}],
+        lr=config.lr * config.batch_size / 128, momentum=config.momentum, nesterov=True,
+    )
+    scheduler = warmup_cosine(optimizer, config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+    return optimizer, scheduler
 
 
 def _device(config: CifarConfig) -> torch.device:
@@ -225,14 +265,8 @@ def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
                                seed=config.seed, channels_last=cuda)
     if len(batches) == 0:
         raise ValueError(f"{len(data.train)} training images are fewer than one batch of {config.batch_size}")
-    lr = config.lr * config.batch_size / 128
-    optimizer = torch.optim.SGD(
-        [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
-         {"params": list(criterion.parameters()), "weight_decay": 0.0}],
-        lr=lr, momentum=config.momentum, nesterov=True,
-    )
+    optimizer, scheduler = optimizer_and_schedule(config, model, criterion, len(batches))
     total = config.epochs * len(batches)
-    scheduler = warmup_cosine(optimizer, config.warmup_epochs * len(batches), total)
     start_epoch = 0
     checkpoint_path = run_dir / "checkpoint.pt"
     if config.resume:
@@ -396,13 +430,14 @@ def write_comparison(configs: Sequence[CifarConfig], results: Sequence[dict[str,
     root = config.run_dir().parent
     first = results[0]["metrics"]
     columns = {c.loss.upper(): headline(r, c.loss) for c, r in zip(configs, results)}
-    for loss in ("cce", "halo"):
-        columns[f"{loss.upper()} (published)"] = PUBLISHED[config.dataset][loss]
+    for loss, published in published_columns(config.dataset).items():
+        columns[f"{loss.upper()} (published)"] = published
     sections = [
         f"Same seed, data and budget for both losses: ResNet-18 width {config.width}, {config.epochs} epochs, "
         f"batch {config.batch_size}, {first['n_train']} training and {first['n_test']} test images of "
-        f"{config.dataset}. OOD score: CCE `msp`, HALO `not_abstain` (1 - p(abstain)); the published columns are "
-        "the reference's ResNet-18 results (FPR@95 assumed ID-kept; the OOD sets there are the full test sets).\n",
+        f"{config.dataset}. OOD score: CCE `msp`, HALO `not_abstain` (1 - p(abstain))"
+        + ("; the published columns are the reference's ResNet-18 results (FPR@95 assumed ID-kept; the OOD sets "
+           "there are the full test sets).\n" if config.dataset in PUBLISHED else ".\n"),
         "## The published table's layout\n\n" + side_by_side(columns, table_rows((first["near"], first["far"]))),
     ]
     for c, r in zip(configs, results):
@@ -413,9 +448,68 @@ def write_comparison(configs: Sequence[CifarConfig], results: Sequence[dict[str,
     return write_report(root, f"CIFAR recipe: CCE vs HALO on {config.dataset}", payload, sections, plots)
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_metrics(result: dict[str, Any], loss: str) -> dict[str, float]:
+    """One run's headline rows plus every score function's far- and near-OOD AUROC (``far_auroc[score]``)."""
+    m = result["metrics"]
+    values = headline(result, loss)
+    for score, per_set in m["ood"].items():
+        for group in ("far", "near"):
+            values[f"{group}_auroc[{score}]"] = sum(per_set[n]["auroc"] for n in m[group]) / len(m[group])
+    return values
+
+
+def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, float]]], seeds: Sequence[int],
+                          set_names: tuple[list[str], list[str]]) -> Path:
+    """The published table's layout with ``mean ± std`` over seeds, every score function, and each seed's row."""
+    from ..eval import format_value, markdown_table, write_report
+
+    root = config.run_dir().parent.parent
+    summary = {loss: {key: _mean_std([run[key] for run in per_seed]) for key in per_seed[0]}
+               for loss, per_seed in runs.items()}
+    cell = lambda key, pair: f"{format_value(key, pair[0])} ± {format_value(key, pair[1])}"  # noqa: E731
+    names = [loss.upper() for loss in runs]
+    published = published_columns(config.dataset)
+    rows = [[label] + [cell(key, summary[loss][key]) for loss in runs]
+            + [format_value(key, numbers.get(key)) for numbers in published.values()]
+            for key, label in table_rows(set_names)]
+    header = ["metric"] + [f"{n} (mean ± std)" for n in names] + [f"{loss.upper()} (published)" for loss in published]
+    scores = [[f"{loss.upper()} `{key.split('[')[1][:-1]}`", cell(key, summary[loss][key]),
+               cell(key.replace("far", "near", 1), summary[loss][key.replace("far", "near", 1)])]
+              for loss in runs for key in summary[loss] if key.startswith("far_auroc[")]
+    per_seed = [[f"{loss.upper()} seed {seed}"] + [format_value(k, run[k]) for k in ("accuracy", "ece", "far_auroc", "near_auroc")]
+                for loss, per in runs.items() for seed, run in zip(seeds, per)]
+    sections = [
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); for each seed both losses share the initial backbone "
+        f"seed, data, batch order and budget: ResNet-18 width {config.width}, {config.epochs} epochs, batch "
+        f"{config.batch_size}, {config.train_limit or 'all'} training images of {config.dataset}. Standard "
+        "deviations are over seeds (sample std). OOD score: CCE `msp`, HALO `not_abstain`.\n",
+        "## The published table's layout\n\n" + markdown_table(header, rows),
+        "## AUROC % of every score function (far, near)\n\n" + markdown_table(["loss, score", "far-OOD", "near-OOD"], scores),
+        "## Each seed\n\n" + markdown_table(["run", "accuracy %", "ECE", "far AUROC %", "near AUROC %"], per_seed),
+    ]
+    payload = {"seeds": list(seeds), "config": asdict(config),
+               **{loss: {"per_seed": per, "mean": {k: v[0] for k, v in summary[loss].items()},
+                         "std": {k: v[1] for k, v in summary[loss].items()}} for loss, per in runs.items()}}
+    return write_report(root, f"CIFAR recipe over {len(seeds)} seeds on {config.dataset}", payload, sections)
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+
+def _init_gamma(text: str) -> float | None:
+    if text == "reference":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -423,13 +517,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("action", nargs="?", choices=("train", "compare"), default="train",
         help="train one loss (default) or compare both with the same seed and budget")
-    add("--dataset", choices=("cifar10", "cifar100"), default=d.dataset)
+    add("--dataset", choices=DATASETS, default=d.dataset,
+        help="imagefolder: any labelled images in <data-dir>/train/<class>/ and <data-dir>/test/<class>/")
     add("--data-dir", default=d.data_dir, help="torchvision root, or a folder with train/<class>/ and test/<class>/")
     add("--download", action="store_true", help="download the torchvision datasets that are missing")
     add("--near-ood", nargs="*", default=[], help="near-OOD sets: cifar10/cifar100/svhn/mnist, or folders/.npz/idx")
     add("--far-ood", nargs="*", default=[], help="far-OOD sets (default: svhn)")
     add("--loss", choices=LOSSES, default=d.loss)
     add("--emb-dims", type=int, default=d.emb_dims)
+    add("--init-gamma", type=_init_gamma, default=d.init_gamma,
+        help=f"HALO's starting temperature, or 'reference' for the published 20/(2-(1-2/D)) (default: {d.init_gamma})")
     add("--width", type=int, default=d.width)
     add("--epochs", type=int, default=d.epochs)
     add("--batch-size", type=int, default=d.batch_size)
@@ -442,7 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--test-limit", type=int, default=d.test_limit)
     add("--ood-limit", type=int, default=d.ood_limit)
     add("--preset", choices=tuple(PRESETS), default=d.preset)
-    add("--seed", type=int, default=d.seed)
+    add("--seed", type=int, default=d.seed, help="initialisation, batch order and augmentation")
+    add("--seeds", type=int, default=d.seeds, help="run seeds seed..seed+N-1 and report mean ± std (resumable)")
     add("--device", default=d.device)
     add("--output", default=d.output)
     add("--name", default=d.name)
@@ -461,11 +559,37 @@ def configs_from_args(args: argparse.Namespace, argv: Sequence[str] | None = Non
     return configs
 
 
+def seeded(config: CifarConfig, seed: int) -> CifarConfig:
+    """The run of one seed in a multi-seed comparison: ``<output>/<name>/seed-<seed>/<loss>``.
+
+    With ``--resume latest`` a seed that has no checkpoint yet starts from scratch.
+    """
+    name = f"{config.name or f'cifar-{config.dataset}'}/seed-{seed}"
+    seeded_config = replace(config, seed=seed, name=name)
+    if config.resume == "latest" and not (seeded_config.run_dir() / "checkpoint.pt").is_file():
+        seeded_config = replace(seeded_config, resume=None)
+    return seeded_config
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     configs = configs_from_args(args, argv)
     data = load_data(configs[0])
-    results = [train(c, data) for c in configs]
-    return print_reports(configs, results, write_comparison)
+    first = configs[0]
+    if first.seeds == 1:
+        results = [train(c, data) for c in configs]
+        return print_reports(configs, results, write_comparison)
+    if first.resume not in (None, "latest"):
+        raise ValueError(f"--resume with --seeds takes 'latest' (each seed resumes its own run), got {first.resume!r}")
+    seeds = list(range(first.seed, first.seed + first.seeds))
+    runs: dict[str, list[dict[str, float]]] = {c.loss: [] for c in configs}
+    for seed in seeds:
+        for c in configs:
+            result = train(seeded(c, seed), data)
+            runs[c.loss].append(seed_metrics(result, c.loss))
+    set_names = (result["metrics"]["near"], result["metrics"]["far"])
+    path = write_seed_comparison(seeded(first, seeds[0]), runs, seeds, set_names)
+    print(f"comparison over {len(seeds)} seeds: {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ class DigitsConfig:
     batch_size: int = 128
     lr: float = 1e-3
     label_smoothing: float = 0.1
+    init_gamma: float | None = None     # HALO's starting temperature; None = the reference's 20/(2-(1-2/D))
     seed: int = 0
 
 
@@ -111,7 +112,7 @@ def train(loss_name: str, data: DigitsData, config: DigitsConfig, progress: bool
     backbone = mlp(data.x_train.shape[1], config.hidden, k)
     if loss_name == "halo":
         model = HALOModel(backbone, k, k)
-        criterion = HALOLoss(k, k, label_smoothing=config.label_smoothing)
+        criterion = HALOLoss(k, k, label_smoothing=config.label_smoothing, init_gamma=config.init_gamma)
     elif loss_name == "cce":
         model = CCEClassifier(backbone, k, k)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

@@ -1,0 +1,151 @@
+"""Candidate fixes for HALO's slow start in the CIFAR recipe, each against the reference setting and CCE.
+
+Every candidate changes one thing in the recipe's HALO model (``halo_embed.recipes.cifar.build``) and
+trains with the recipe's data, optimiser, schedule and evaluation at the ``small`` budget (ResNet-18 width
+16, 10,000 CIFAR-10 images, 4 epochs), for ``--seeds`` seeds; it prints mean ± std of accuracy, ECE and the
+far/near-OOD AUROC of each loss's primary score (CCE ``msp``, HALO ``not_abstain``) and writes
+``runs/dynamics/candidates.json``. Only ``init_gamma`` became an option of the library
+(``HALOLoss(init_gamma=...)``, ``halo-embed cifar --init-gamma``); the others are implemented here:
+
+- ``cce``: cross-entropy with label smoothing 0.1 (the baseline); ``reference``: HALO as published
+- ``init_gamma=G``: start the temperature at G instead of 20/(2 - (1 - 2/D)) (16.7 for D = 10)
+- ``centroid_std=S``: centroids drawn from N(0, S^2) instead of N(0, 1)
+- ``unit_embeddings``: the last layer rescaled so that the first batch's embeddings have |x|^2/D = 1
+- ``embedding_bn``: a BatchNorm without affine parameters on the embedding (|x|^2/D = 1 in every batch)
+- ``emb_dims=E``: a wider embedding than the number of classes
+- ``centroid_lr=F``: the loss's gradient on the centroids times F (their learning rate times F, weight decay aside)
+- ``fixed_gamma``: the temperature is not learnt
+
+Usage (~1.5 minutes per run on 2 CPU cores; the CIFAR-10 copy extracted by experiments/cifar_recipe.sh):
+
+    .venv/bin/python experiments/cifar_candidates.py --seeds 2
+    .venv/bin/python experiments/cifar_candidates.py --candidates reference init_gamma=2 "init_gamma=2 emb_dims=64"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from halo_embed.data.arrays import AugmentedBatches
+from halo_embed.recipes.cifar import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CifarConfig,
+    build,
+    evaluate,
+    headline,
+    load_data,
+    optimizer_and_schedule,
+)
+from halo_embed.recipes.common import seed_everything
+
+DEFAULT_CANDIDATES = ["cce", "reference", "init_gamma=1", "init_gamma=2", "init_gamma=3", "init_gamma=5",
+                      "centroid_std=0.1", "unit_embeddings", "embedding_bn", "emb_dims=64", "centroid_lr=0.1",
+                      "fixed_gamma", "init_gamma=2 emb_dims=64"]
+
+
+class NormalisedEmbedding(nn.Module):
+    """The backbone followed by a BatchNorm without affine parameters."""
+
+    def __init__(self, backbone: nn.Module, dims: int) -> None:
+        super().__init__()
+        self.backbone, self.norm = backbone, nn.BatchNorm1d(dims, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.backbone(x))
+
+
+def parse(candidate: str) -> dict[str, str]:
+    return dict(part.partition("=")[::2] for part in candidate.split())
+
+
+def build_candidate(config: CifarConfig, options: dict[str, str], data):
+    """The recipe's model and loss with one candidate's changes."""
+    config = replace(config, init_gamma=float(options["init_gamma"]) if "init_gamma" in options else None,
+                     emb_dims=int(options["emb_dims"]) if "emb_dims" in options else None)
+    model, criterion = build(config, len(data.classes))
+    if config.loss == "cce":
+        return config, model, criterion
+    if "centroid_std" in options:
+        with torch.no_grad():
+            model.centroids.mul_(float(options["centroid_std"]))
+    if "embedding_bn" in options:
+        model.model = NormalisedEmbedding(model.model, model.emb_dims)
+    if "unit_embeddings" in options:
+        first, _ = next(iter(AugmentedBatches(data.train, 512, CIFAR_MEAN, CIFAR_STD, train=True,
+                                              seed=config.seed).epoch(0)))
+        with torch.no_grad():
+            scale = model.model(first).pow(2).mean().rsqrt()
+            model.model.fc.weight.mul_(scale)
+            model.model.fc.bias.mul_(scale)
+    if "fixed_gamma" in options:
+        criterion.gamma.requires_grad_(False)
+    return config, model, criterion
+
+
+def one_run(base: CifarConfig, candidate: str, seed: int, data) -> dict[str, float]:
+    options = parse(candidate)
+    config = replace(base, seed=seed, loss="cce" if candidate == "cce" else "halo")
+    seed_everything(seed)
+    config, model, criterion = build_candidate(config, options, data)
+    batches = AugmentedBatches(data.train, config.batch_size, CIFAR_MEAN, CIFAR_STD, train=True, seed=seed)
+    optimizer, scheduler = optimizer_and_schedule(config, model, criterion, len(batches))
+    if "centroid_lr" in options:  # the loss's gradient on the centroids scaled: their LR times F (weight decay aside)
+        factor = float(options["centroid_lr"])
+        model.centroids.register_hook(lambda grad: grad * factor)
+    for epoch in range(config.epochs):
+        model.train()
+        for x, y in batches.epoch(epoch):
+            if config.loss == "halo":
+                embeddings, centroids = model(x)
+                loss, _ = criterion(embeddings, y, centroids)
+            else:
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    result = evaluate(config, model, criterion, data, torch.device("cpu"))
+    return {key: value for key, value in headline(result, config.loss).items()
+            if key in ("accuracy", "ece", "far_auroc", "near_auroc")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default="runs/data/cifar10")
+    parser.add_argument("--shared", default="../shared/datasets")
+    parser.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-limit", type=int, default=10000)
+    args = parser.parse_args()
+    base = CifarConfig(data_dir=args.data_dir, width=16, epochs=args.epochs, train_limit=args.train_limit,
+                       test_limit=2000, ood_limit=1000, near_ood=[f"{args.shared}/cifar100-partial.npz"],
+                       far_ood=[f"{args.shared}/svhn-partial.npz", f"{args.shared}/mnist-test"])
+    data = load_data(base)
+    out = Path("runs/dynamics/candidates.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = {}
+    print("| candidate | accuracy % | ECE | far-OOD AUROC % | near-OOD AUROC % |\n|---|---|---|---|---|")
+    for candidate in args.candidates:
+        runs = [one_run(base, candidate, seed, data) for seed in range(args.seeds)]
+        table[candidate] = {"per_seed": runs}
+        cells = []
+        for key in ("accuracy", "ece", "far_auroc", "near_auroc"):
+            values = [run[key] for run in runs]
+            mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.4f} ± {std:.4f}" if key == "ece" else f"{100 * mean:.2f} ± {100 * std:.2f}")
+        print(f"| {candidate} | " + " | ".join(cells) + " |", flush=True)
+        out.write_text(json.dumps({"args": vars(args), "candidates": table}, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
