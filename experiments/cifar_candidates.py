@@ -4,8 +4,9 @@ Every candidate changes one thing in the recipe's HALO model (``halo_embed.recip
 trains with the recipe's data, optimiser, schedule and evaluation at the ``small`` budget (ResNet-18 width
 16, 10,000 CIFAR-10 images, 4 epochs), for ``--seeds`` seeds; it prints mean ± std of accuracy, ECE and the
 far/near-OOD AUROC of each loss's primary score (CCE ``msp``, HALO ``not_abstain``) and writes
-``runs/dynamics/candidates.json``. Only ``init_gamma`` became an option of the library
-(``HALOLoss(init_gamma=...)``, ``halo-embed cifar --init-gamma``); the others are implemented here:
+``runs/dynamics/candidates.json`` (``-2``, ``-3``, ... when taken). Only ``init_gamma`` became an option
+of the library (``HALOLoss(init_gamma=...)``, ``halo-embed cifar --init-gamma``); the others are
+implemented here:
 
 - ``cce``: cross-entropy with label smoothing 0.1 (the baseline); ``reference``: HALO as published
 - ``init_gamma=G``: start the temperature at G instead of 20/(2 - (1 - 2/D)) (16.7 for D = 10)
@@ -25,14 +26,13 @@ Usage (~1.5 minutes per run on 2 CPU cores; the CIFAR-10 copy extracted by exper
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.data.arrays import AugmentedBatches
 from halo_embed.recipes.cifar import (
     CIFAR_MEAN,
@@ -130,8 +130,7 @@ def main() -> None:
                        test_limit=2000, ood_limit=1000, near_ood=[f"{args.shared}/cifar100-partial.npz"],
                        far_ood=[f"{args.shared}/svhn-partial.npz", f"{args.shared}/mnist-test"])
     data = load_data(base)
-    out = Path("runs/dynamics/candidates.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = unused_path("runs/dynamics/candidates.json")  # chosen once; rewritten after every candidate
     table = {}
     print("| candidate | accuracy % | ECE | far-OOD AUROC % | near-OOD AUROC % |\n|---|---|---|---|---|")
     for candidate in args.candidates:
@@ -143,7 +142,7 @@ def main() -> None:
             mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{mean:.4f} ± {std:.4f}" if key == "ece" else f"{100 * mean:.2f} ± {100 * std:.2f}")
         print(f"| {candidate} | " + " | ".join(cells) + " |", flush=True)
-        out.write_text(json.dumps({"args": vars(args), "candidates": table}, indent=1))
+        atomic_write_json(out, {"args": vars(args), "candidates": table})
     print(f"written {out}")
 
 

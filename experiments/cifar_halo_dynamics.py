@@ -28,7 +28,6 @@ Usage (the CIFAR-10 copy extracted by experiments/cifar_recipe.sh; ~1 minute per
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from halo_embed import geometry
 from halo_embed.data.arrays import AugmentedBatches
+from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.losses.functional import halo_cross_entropy
 from halo_embed.recipes.cifar import (
     CIFAR_MEAN,
@@ -141,9 +141,8 @@ def main() -> None:
         config = CifarConfig(**{**base.__dict__, "init_gamma": None if value == "reference" else float(value)})
         results.append(trace(config, data, args.every))
         print_trace(results[-1])
-    out = Path("runs/dynamics") / f"{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
+    out = unused_path(Path("runs/dynamics") / f"{args.name}.json")  # a second run never overwrites the first
+    atomic_write_json(out, {"args": vars(args), "runs": results})
     print(f"\nwritten {out}")
 
 

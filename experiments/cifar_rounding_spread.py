@@ -17,13 +17,12 @@ Usage (~2 minutes per variant on 2 CPU cores at the defaults):
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from halo_embed.data.arrays import AugmentedBatches
+from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes.cifar import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -102,9 +101,8 @@ def main() -> None:
         print(f"{variant:16s} accuracy {100 * result['accuracy'][0]:.2f} / {100 * result['accuracy'][1]:.2f}  "
               f"test predictions differ on {100 * result['disagreement']:.1f}%  "
               f"final |dtheta|/|theta| {result['distances'][-1][1]:.2e}\n    step:distance  {steps}", flush=True)
-    out = Path("runs/dynamics/rounding_spread.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    out = atomic_write_json(unused_path("runs/dynamics/rounding_spread.json"),  # never over an earlier run
+                            {"args": vars(args), "results": results})
     print(f"written {out}")
 
 

@@ -12,11 +12,10 @@ Usage (~20 s per seed and setting on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import replace
-from pathlib import Path
 
+from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes import digits
 
 
@@ -48,9 +47,8 @@ def main() -> None:
         print(f"{label:28s} " + "  ".join(
             f"{key} {m:.4f} ± {s:.4f}" if key == "ece" else f"{key} {100 * m:.2f} ± {100 * s:.2f}"
             for key, (m, s) in table[label].items()), flush=True)
-    out = Path("runs/dynamics/digits_seeds.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seeds": args.seeds, "results": table}, indent=1))
+    out = atomic_write_json(unused_path("runs/dynamics/digits_seeds.json"),  # never over an earlier run
+                            {"seeds": args.seeds, "results": table})
     print(f"written {out}")
 
 

@@ -2,8 +2,11 @@
 # A second labelled set for the CIFAR recipe: Tiny-ImageNet-200 at 32x32 (../shared/datasets) split into
 # 100 known classes (450 training + 50 test images each) and 100 held-out classes (10 images each, near-OOD).
 # Writes symlink folders runs/data/tinyimagenet100/{train,test}/<wnid>/ and runs/data/tinyimagenet100/heldout/,
-# then runs the recipe on them (`--dataset imagefolder`, D = K = 100) with the arguments given, e.g.
+# then runs the recipe on them (`--dataset imagefolder`, D = K = 100; `compare`, or ACTION=train for one loss)
+# with the arguments given, e.g.
 #   experiments/tinyimagenet_split.sh --preset medium --seeds 3
+#   ACTION=train experiments/tinyimagenet_split.sh --preset medium --seeds 3 --loss halo --init-gamma reference \
+#     --name tinyimagenet100-reference
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/datasets}
@@ -32,5 +35,5 @@ print(f"{out}: 100 known classes (450 train / 50 test each), 100 held-out classe
 PY
 fi
 set -x
-.venv/bin/halo-embed cifar compare --dataset imagefolder --data-dir "$OUT" --near-ood "$OUT/heldout" \
+.venv/bin/halo-embed cifar "${ACTION:-compare}" --dataset imagefolder --data-dir "$OUT" --near-ood "$OUT/heldout" \
   --far-ood "$SHARED/svhn-partial.npz" "$SHARED/mnist-test" --name tinyimagenet100 "$@"

@@ -109,6 +109,30 @@ def check_tensor(
     return value
 
 
+def check_device(name: str, value: object) -> torch.device:
+    """``value`` as a ``torch.device`` that exists on this machine (``cuda`` needs a CUDA GPU, ``mps`` Apple's)."""
+    if isinstance(value, torch.device):
+        device = value
+    elif isinstance(value, str):
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"{name} must be a device such as cpu, cuda or cuda:1, got {value!r}") from None
+    else:
+        raise TypeError(f"{name} must be a device name or torch.device, got {_kind(value)}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name} is {value!s}, but no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} is {value!s}, but this machine has {count} CUDA GPU(s)")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{name} is {value!s}, but MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name} must be cpu, cuda[:N] or mps, got {value!r}")
+    return device
+
+
 Message = Union[str, Callable[[], str]]
 
 

@@ -1,7 +1,15 @@
 """The ``halo-embed`` command line.
 
-User mistakes (bad paths, bad values) print one readable line and exit with
-status 2; set ``HALO_EMBED_DEBUG=1`` to see the traceback instead.
+Exit status (the same for every command):
+
+- 0: everything done;
+- 1: done, but some input rows were rejected (each reported on stderr);
+- 2: a usage or input error (bad option, missing or damaged file): one
+  readable line on stderr, nothing trained or written;
+- 3: an internal error: one line on stderr naming a log file that holds the
+  traceback.
+
+Set ``HALO_EMBED_DEBUG=1`` to get the traceback itself instead of the line.
 """
 
 from __future__ import annotations
@@ -22,21 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="halo-embed", description="Train and evaluate embedding models with the HALO loss."
+        prog="halo-embed", description="Train and evaluate embedding models with the HALO loss.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"halo-embed {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"halo_embed.commands.{module_name}")
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__,
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__, epilog=EXIT_CODES,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
     return parser
 
 
+EXIT_CODES = """exit status: 0 done; 1 some input rows rejected (reported); 2 usage or input error;
+3 internal error (the traceback is written to a log file named on stderr)"""
+
+
 def run_handler(command: str, handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a subcommand; a user mistake becomes one line on stderr and exit status 2."""
+    """Run a subcommand: a user mistake becomes one line and status 2, a crash one line, a log and status 3."""
     try:
         return int(handler(args) or 0)
     except (ValueError, TypeError, OSError, ImportError) as error:
@@ -47,6 +60,23 @@ def run_handler(command: str, handler: Callable[[argparse.Namespace], int | None
     except KeyboardInterrupt:
         print(f"halo-embed {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug, not a user mistake: keep the traceback, in a file
+        if os.environ.get("HALO_EMBED_DEBUG"):
+            raise
+        log = _write_crash_log(command)
+        print(f"halo-embed {command}: internal error: {type(error).__name__}: {error} (traceback in {log})",
+              file=sys.stderr)
+        return 3
+
+
+def _write_crash_log(command: str) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"halo-embed-{command}-", suffix=".log")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"halo-embed {command} {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

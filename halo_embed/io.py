@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "to_jsonable"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "new_file_mode", "to_jsonable", "unused_path"]
 
 
 @contextlib.contextmanager
@@ -21,23 +21,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # name the file the user asked for, not the hidden temporary one
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         with open(tmp_path, "rb+") as handle:  # data on disk before the rename makes it visible
             os.fsync(handle.fileno())
         # mkstemp creates the file 0600; give it the mode the file has, or a new file would get
-        os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
-        os.replace(tmp_path, path)
+        os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else new_file_mode())
+        try:
+            os.replace(tmp_path, path)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """``0o666`` less the process's umask (read by setting and restoring it)."""
     umask = os.umask(0o022)
     os.umask(umask)
@@ -67,3 +76,17 @@ def to_jsonable(value: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def unused_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing is there yet, else the first free ``<stem>-2<suffix>``, ``-3``, ...
+
+    Used by scripts that write one result file per run, so that a second run
+    never overwrites the first one's numbers.
+    """
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate

@@ -7,17 +7,23 @@ import torch.distributed as dist
 
 
 class PairModel(torch.nn.Module):
-    """Two linear towers and the loss (so DDP also averages gamma's gradient)."""
+    """Two linear towers, optionally the feature adapter, and the loss (so DDP also averages gamma's gradient)."""
 
-    def __init__(self, loss):
+    def __init__(self, loss, normalization=None):
+        from halo_embed.clip.adapter import FeatureAdapter
+
         super().__init__()
         torch.manual_seed(0)
         self.image = torch.nn.Linear(6, 8)
         self.text = torch.nn.Linear(5, 8)
+        self.adapter = FeatureAdapter(8, normalization=normalization, momentum=0.5) if normalization else None
         self.loss = loss
 
     def forward(self, x_img, x_txt, ids):
-        return self.loss(self.image(x_img), self.text(x_txt), ids)
+        images, texts = self.image(x_img), self.text(x_txt)
+        if self.adapter is not None:
+            images, texts = self.adapter(images, "image"), self.adapter(texts, "text")
+        return self.loss(images, texts, ids)
 
 
 def global_batch(n=8):
@@ -26,18 +32,19 @@ def global_batch(n=8):
     return torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g), ids
 
 
-def worker(rank, world_size, init_file, out_dir, loss_kwargs):
+def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None):
     from halo_embed.losses import PairedHALOLoss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs))
+        model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs), normalization)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         x_img, x_txt, ids = global_batch()
         shard = slice(rank * 4, (rank + 1) * 4)
         loss = ddp(x_img[shard], x_txt[shard], ids[shard])
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        torch.save({"loss": loss.detach(), "grads": grads, "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

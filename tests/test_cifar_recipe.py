@@ -74,7 +74,7 @@ def common(tiny_cifar, tmp_path):
 
 def test_compare_end_to_end(tiny_cifar, tmp_path):
     argv = ["compare", *common(tiny_cifar, tmp_path), "--epochs", "2", "--name", "cmp"]
-    assert cifar.run(parse(argv), argv) == 0
+    assert cifar.run(parse(argv)) == 0
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| metric | CCE | HALO | CCE (published) | HALO (published) |" in report
     assert "| ID accuracy % |" in report and "96.53" in report
@@ -85,6 +85,12 @@ def test_compare_end_to_end(tiny_cifar, tmp_path):
             assert (tmp_path / "cmp" / loss / png).stat().st_size > 5000
     halo = json.loads((tmp_path / "cmp" / "halo" / "metrics.json").read_text())["metrics"]
     assert set(halo["ood"]) == {"not_abstain", "msp", "neg_distance", "energy"}
+    # the same run again without --resume is refused before anything is trained or written
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("*")}
+    for again in (argv, argv + ["--seeds", "1"], ["--loss", "halo", *argv[1:]]):
+        with pytest.raises(FileExistsError, match=r"run folder .*cmp/(cce|halo) already holds a run"):
+            cifar.run(parse(again))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("*")} == before
 
 
 def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
@@ -92,7 +98,7 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
     from dataclasses import replace
 
     argv = ["--loss", "halo", *common(tiny_cifar, tmp_path), "--epochs", "2"]
-    config = cifar.configs_from_args(parse(argv), argv)[0]
+    config = cifar.configs_from_args(parse(argv))[0]
     data = cifar.load_data(config)
     cifar.train(replace(config, name="straight"), data)
 
@@ -123,6 +129,14 @@ def test_presets_and_validation():
     assert config.width == 16 and config.epochs == 7 and config.train_limit == 10000
     medium = cifar.apply_preset(cifar.CifarConfig(preset="medium"), explicit=set())
     assert (medium.width, medium.epochs, medium.train_limit) == (16, 8, 20000)
+    # an option given on the command line wins over the preset however it is spelt
+    for argv in (["--epochs=7", "--preset", "small"], ["--preset", "small", "--epochs", "7"],
+                 ["--epoch", "7", "--preset=small"], ["--preset", "small", "--epochs", "4", "--epochs=7"]):
+        config = cifar.configs_from_args(parse(argv))[0]
+        assert (config.epochs, config.width, config.train_limit) == (7, 16, 10000), argv
+    config = cifar.configs_from_args(parse(["--preset", "large", "--train-limit=300"]))[0]
+    assert (config.epochs, config.train_limit) == (6, 300)
+    assert cifar.configs_from_args(parse(["--preset", "large"]))[0].train_limit is None
     with pytest.raises(ValueError, match="--seeds must be >= 1, got 0"):
         cifar.validate(cifar.CifarConfig(seeds=0))
     with pytest.raises(ValueError, match="--dataset imagefolder needs --near-ood and --far-ood"):
@@ -149,7 +163,7 @@ def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):
     invocation with --resume latest trains nothing more and reports the same numbers."""
     argv = ["compare", *common(tiny_cifar, tmp_path), "--epochs", "1", "--name", "multi", "--seeds", "2",
             "--seed", "3", "--resume", "latest"]
-    assert cifar.run(parse(argv), argv) == 0
+    assert cifar.run(parse(argv)) == 0
     root = tmp_path / "multi"
     payload = json.loads((root / "metrics.json").read_text())
     assert payload["seeds"] == [3, 4]
@@ -169,12 +183,12 @@ def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):
     assert "HALO seed 4" in report
     checkpoint = root / "seed-4" / "halo" / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
-    assert cifar.run(parse(argv), argv) == 0
+    assert cifar.run(parse(argv)) == 0
     assert checkpoint.stat().st_mtime_ns == stamp  # resumed at its last epoch: nothing trained, nothing saved
     assert json.loads((root / "metrics.json").read_text())["halo"]["per_seed"] == payload["halo"]["per_seed"]
     with pytest.raises(ValueError, match="--resume with --seeds takes 'latest'"):
         bad = [*argv[:-1], "some/checkpoint.pt"]
-        cifar.run(parse(bad), bad)
+        cifar.run(parse(bad))
 
 
 def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
@@ -186,7 +200,7 @@ def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
             (root / split / name).symlink_to(tiny_cifar / split / name)
     argv = ["compare", *common(tiny_cifar, tmp_path), "--data-dir", str(root), "--dataset", "imagefolder",
             "--epochs", "1", "--name", "four"]
-    assert cifar.run(parse(argv), argv) == 0
+    assert cifar.run(parse(argv)) == 0
     report = (tmp_path / "four" / "report.md").read_text()
     assert "| metric | CCE | HALO |" in report and "(published)" not in report
     config = json.loads((tmp_path / "four" / "halo" / "metrics.json").read_text())["config"]

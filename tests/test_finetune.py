@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,58 @@ def test_halo_finetune_end_to_end(tmp_path, tiny_model_dirs):
     scorer = AlignmentScorer.from_checkpoint(str(run / "checkpoint"))
     scores = scorer.score(shape_images(2), ["a small red circle in the top left", "a large blue square in the center"])
     assert scores.probability.shape == (2,)
+
+
+def test_running_normalization_checkpoint_scores_what_the_evaluation_measured(tmp_path, tiny_model_dirs):
+    """Pairs scored through AlignmentScorer from the saved checkpoint get the logits the end-of-run evaluation
+    computed for them (so the running statistics it used are the ones saved)."""
+    from halo_embed.clip import AlignmentScorer
+    from halo_embed.recipes.clip_finetune import eval_data_for
+
+    config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], normalization="running",
+                         normalization_momentum=0.5)
+    metrics = train(config)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert json.loads((checkpoint / "config.json").read_text())["adapter"]["normalization"] == "running"
+    data = eval_data_for(config)
+    refs, text_ids = data.pair_sets["aligned"]
+    images = [data.images[i] for _, i in refs[:6]]
+    texts = [data.texts[t] for t in text_ids[:6]]
+    scores = AlignmentScorer.from_checkpoint(str(checkpoint)).score(images, texts)
+    np.testing.assert_allclose(scores.logit.numpy(), metrics["eval"]["val"]["scores"]["aligned"][:6], rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_a_run_never_overwrites_another(tmp_path, tiny_model_dirs, capsys):
+    """The same --name again without --resume is refused before anything is written; --resume latest continues."""
+    from halo_embed.cli import main
+
+    model = f"local-dir:{tiny_model_dirs['open_clip_local_dir']}"
+    common = ["finetune", "--model", model, "--shapes-train-images", "48", "--shapes-val-images", "24",
+              "--batch-size", "16", "--eval-images", "24", "--calibration-samples", "32", "--warmup", "2",
+              "--logs", str(tmp_path), "--name", "r", "--no-progress"]
+    assert main(common + ["--max-steps", "4", "--save-every", "2"]) == 0
+    run = tmp_path / "r"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(common + ["--max-steps", "2", "--save-every", "1"]) == 2
+    assert f"run folder {run} already holds a run: continue it with --resume latest" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    # a comparison is refused before its first loss trains
+    (tmp_path / "cmp" / "clip" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "cmp" / "clip" / "checkpoints" / "latest").write_text("step-0000002\n")
+    compare = [a if a != "r" else "cmp" for a in common] + ["--loss", "halo", "clip", "--max-steps", "2"]
+    assert main(compare) == 2 and not (tmp_path / "cmp" / "halo").exists()
+    # a run that stopped before its first save left only its config and log: it may start again
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.json").write_text("{}")
+    (tmp_path / "stopped" / "log.jsonl").write_text("{}\n")
+    stopped = [a if a != "r" else "stopped" for a in common]
+    assert main(stopped + ["--max-steps", "2"]) == 0
+    # resuming the finished run is allowed (nothing left to train) and keeps its checkpoints
+    assert main(common + ["--max-steps", "4", "--save-every", "2", "--resume", "latest"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000004"]
 
 
 def test_resume_replays_the_same_run(tmp_path, tiny_model_dirs):
@@ -97,11 +150,50 @@ def test_csv_data_with_broken_images(tmp_path, tiny_model_dirs):
                          val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, calibration_samples=16)
     metrics = train(config)
     assert metrics["steps"] == 3 and metrics["skipped_images"] == 2
+    # the command line says so with exit status 1 (done, some input rejected)
+    from halo_embed.cli import main
+
+    assert main(["finetune", "--model", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", "--train-data",
+                 str(train_csv), "--val-data", str(val_csv), "--epochs", "1", "--batch-size", "14",
+                 "--calibration-samples", "16", "--eval-images", "24", "--logs", str(tmp_path), "--name", "cli",
+                 "--no-progress"]) == 1
     strict = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(train_csv),
                          val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, calibration_samples=16,
                          strict_images=True, name="strict")
     with pytest.raises(ValueError, match=r"broken training image \(--strict-images\): (cannot read image|image file not found)"):
         train(strict)
+
+
+def test_csv_pairs_read_with_the_csv_module_and_skip_undecodable_rows(tmp_path):
+    from halo_embed.data.pairs import CSVPairs
+
+    (tmp_path / "t.csv").write_bytes(b'filepath,title\na.png,"two\nlines, one caption"\nb.png,bad \xfe byte\n'
+                                     b'a.png,second caption of a\n')
+    with pytest.warns(UserWarning, match=r"1 row\(s\) of .*t.csv skipped, e.g. .*t.csv, line 4: not valid UTF-8"):
+        pairs = CSVPairs(tmp_path / "t.csv")
+    assert [p[1:] for p in pairs.pairs] == [("two\nlines, one caption", 0), ("second caption of a", 0)]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv is empty: it needs a header row"):
+        CSVPairs(tmp_path / "empty.csv")
+    # the column names `halo-embed score` reads by default work here too (and a named column wins)
+    (tmp_path / "plain.csv").write_text("caption,image,title\nthe caption,a.png,a title\n")
+    assert CSVPairs(tmp_path / "plain.csv").pairs[0][1] == "a title"  # open_clip's name first
+    assert CSVPairs(tmp_path / "plain.csv", caption_key="caption").pairs[0][1] == "the caption"
+    (tmp_path / "neither.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(ValueError, match="has no column 'filepath' or 'image' .*set --csv-img-key"):
+        CSVPairs(tmp_path / "neither.csv")
+
+
+@pytest.mark.parametrize("loss", ["clip", "halo"])
+def test_every_image_missing_is_an_error_not_a_hang(tmp_path, tiny_model_dirs, loss):
+    rows = ["filepath,title"] + [f"gone/{i}.png,caption {i}" for i in range(40)]
+    (tmp_path / "missing.csv").write_text("\n".join(rows) + "\n")
+    config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(tmp_path / "missing.csv"),
+                         val_data=str(tmp_path / "missing.csv"), loss=loss, max_steps=None, epochs=3, batch_size=8)
+    message = ("no training image of a whole epoch could be read" if loss == "clip"
+               else "none of the 32 calibration samples could be read")
+    with pytest.raises(ValueError, match=rf"{message}, e.g. .*gone/\d+.png"):
+        train(config)
 
 
 def test_hf_dataset_from_disk_with_caption_lists(tmp_path, tiny_model_dirs):
@@ -125,6 +217,27 @@ def test_hf_dataset_from_disk_with_caption_lists(tmp_path, tiny_model_dirs):
         HFPairs(str(tmp_path / "hf"))
 
 
+def test_exit_codes_internal_error_is_3_with_a_traceback_log(capsys, monkeypatch):
+    import os
+    import re
+
+    from halo_embed.cli import build_parser, run_handler
+
+    def crash(args):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.delenv("HALO_EMBED_DEBUG", raising=False)
+    assert run_handler("score", crash, None) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("halo-embed score: internal error: RuntimeError: an internal bug")
+    log = re.search(r"traceback in (\S+)\)$", err).group(1)
+    text = open(log).read()
+    os.unlink(log)
+    assert "Traceback" in text and "an internal bug" in text
+    assert run_handler("score", lambda args: 1, None) == 1  # rows rejected: the command's own status
+    assert "3 internal error" in build_parser().format_help()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from halo_embed.cli import main
 
@@ -134,6 +247,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("halo-embed finetune: error: caption file not found") and "\n" not in err
     assert main(["finetune", "--batch-size", "0", "--logs", str(tmp_path)]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    # caught before anything is trained or written
+    (tmp_path / "data").mkdir()
+    train_csv, _ = write_csv_data(tmp_path / "data", broken=False)
+    for args, message in (
+        (["--model", "ViT-Z-99"], "unknown open_clip model 'ViT-Z-99'"),
+        (["--model", str(tmp_path / "nope.json")], "model config file not found"),
+        (["--train-data", str(train_csv), "--batch-size", "8"], "--val-data is required for this --train-data"),
+    ):
+        assert main(["finetune", *args, "--logs", str(tmp_path / "runs"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not (tmp_path / "runs").exists()
+    for steps in ("-1", "0"):
+        assert main(["finetune", "--max-steps", steps, "--logs", str(tmp_path)]) == 2
+        assert f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {steps}" in capsys.readouterr().err
+    assert main(["finetune", "--normalization", "running", "--normalization-momentum", "0",
+                 "--logs", str(tmp_path)]) == 2
+    assert "--normalization-momentum must be in (0, 1], got 0.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

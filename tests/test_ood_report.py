@@ -18,7 +18,7 @@ from halo_embed.eval import (
     side_by_side,
     write_report,
 )
-from halo_embed.io import atomic_path, atomic_write_text
+from halo_embed.io import atomic_path, atomic_write_text, unused_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,6 +99,28 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left behind
+
+
+def test_write_errors_name_the_target_not_the_temporary_file(tmp_path):
+    (tmp_path / "a-folder.json").mkdir()
+    with pytest.raises(OSError, match=r"cannot write .*a-folder.json: Is a directory") as error:
+        atomic_write_text(tmp_path / "a-folder.json", "x")
+    assert ".tmp" not in str(error.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match=r"cannot write .*file/report.md"):
+        atomic_write_text(tmp_path / "file" / "report.md", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder.json", "file"]
+
+
+def test_unused_path_never_names_an_existing_file(tmp_path):
+    first = unused_path(tmp_path / "result.json")
+    assert first == tmp_path / "result.json"
+    atomic_write_text(first, "run 1")
+    second = unused_path(tmp_path / "result.json")
+    assert second == tmp_path / "result-2.json"
+    atomic_write_text(second, "run 2")
+    assert unused_path(tmp_path / "result.json") == tmp_path / "result-3.json"
+    assert first.read_text() == "run 1" and second.read_text() == "run 2"
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):

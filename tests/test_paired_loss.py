@@ -82,14 +82,17 @@ def test_validation(args, error, match):
 
 
 @pytest.mark.parametrize(
-    "loss_kwargs", [{}, {"symmetric": False}, {"rejection_weight": 0.5, "norm_weight": 0.5}], ids=["symmetric", "one-way", "extras"]
+    "loss_kwargs, normalization",
+    [({}, None), ({"symmetric": False}, None), ({"rejection_weight": 0.5, "norm_weight": 0.5}, None), ({}, "running")],
+    ids=["symmetric", "one-way", "extras", "running-normalization"],
 )
-def test_two_processes_equal_one_process(tmp_path, loss_kwargs):
-    """2 gloo processes on shards == 1 process on the global batch: loss (mean over ranks) and DDP gradients."""
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss_kwargs), nprocs=2, join=True)
+def test_two_processes_equal_one_process(tmp_path, loss_kwargs, normalization):
+    """2 gloo processes on shards == 1 process on the global batch: loss (mean over ranks), DDP gradients and,
+    with the running feature normalisation, its global batch statistics and running buffers."""
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss_kwargs, normalization), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs))
+    model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs), normalization)
     x_img, x_txt, ids = global_batch()
     loss = model(x_img, x_txt, ids)
     loss.backward()
@@ -97,3 +100,6 @@ def test_two_processes_equal_one_process(tmp_path, loss_kwargs):
     for name, p in model.named_parameters():
         for r in ranks:  # DDP leaves the same averaged gradient on every rank
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for name, b in model.named_buffers():
+        for r in ranks:
+            torch.testing.assert_close(r["buffers"][name], b, rtol=1e-6, atol=1e-6, msg=name)

@@ -5,8 +5,21 @@ centroids with unit per-dimension mean square, spread around the origin where
 the abstain sink lives. CLIP's projected features are neither: each modality
 sits in its own cone away from the origin (the "modality gap") with an
 arbitrary scale. The adapter subtracts each modality's mean and divides by its
-RMS, both measured once on training data (:meth:`FeatureAdapter.calibrate`) and
-then saved with the model.
+RMS (one scalar per modality, so the geometry stays isotropic):
+
+- ``normalization="fixed"``: both measured once on training data
+  (:meth:`FeatureAdapter.calibrate`) and then frozen. Training is free to
+  move the features away from that geometry (measured: the captions drift
+  together while the radial term keeps each image on a shell around its
+  caption, so an image ends as far from its own caption as from a wrong one).
+- ``normalization="running"``: calibrated the same way, then in training
+  every batch is normalised with its own statistics (over the global batch
+  in a process group, with gradients, like synchronised BatchNorm), and the
+  running statistics follow them with ``momentum``; in evaluation the running
+  statistics are used as fixed values. Every training batch therefore has
+  unit mean square around its mean in each modality, the geometry the
+  abstain bias is calibrated for, and a checkpoint scores with the
+  statistics saved in it.
 """
 
 from __future__ import annotations
@@ -14,11 +27,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_int, check_tensor, raise_if_any
+from .._validation import check_choice, check_float, check_int, check_tensor, raise_if_any
+from ..distributed import all_gather_with_grad
 
-__all__ = ["FeatureAdapter", "MODALITIES"]
+__all__ = ["FeatureAdapter", "MODALITIES", "NORMALIZATIONS"]
 
 MODALITIES = ("image", "text")
+NORMALIZATIONS = ("fixed", "running")
 
 
 class FeatureAdapter(nn.Module):
@@ -26,19 +41,35 @@ class FeatureAdapter(nn.Module):
 
     Args:
         embed_dim: ``D``.
+        normalization: ``"fixed"`` (statistics measured once by
+            :meth:`calibrate`) or ``"running"`` (batch statistics in training,
+            running statistics in evaluation; see the module docstring).
+        momentum: weight of each training batch in the running statistics
+            (``"running"`` only), as in :class:`torch.nn.BatchNorm1d`.
 
     Buffers (saved in the state dict): ``image_center``, ``text_center``
-    ``(D,)``, ``image_scale``, ``text_scale`` (scalars) and ``calibrated``.
-    Before :meth:`calibrate` the adapter is the identity.
+    ``(D,)``, ``image_scale``, ``text_scale`` (scalars, ``1 / RMS``) and
+    ``calibrated``. Before :meth:`calibrate` the ``"fixed"`` adapter is the
+    identity; the ``"running"`` one already normalises training batches.
+
+    Raises:
+        TypeError / ValueError: on invalid arguments, naming the argument.
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, normalization: str = "fixed", momentum: float = 0.05) -> None:
         super().__init__()
         d = check_int("embed_dim", embed_dim, minimum=2)
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.momentum = check_float("momentum", momentum, minimum=0.0, maximum=1.0)
+        if self.momentum == 0.0:
+            raise ValueError("momentum must be > 0 (0 would never update the running statistics), got 0.0")
         for modality in MODALITIES:
             self.register_buffer(f"{modality}_center", torch.zeros(d))
             self.register_buffer(f"{modality}_scale", torch.ones(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"normalization={self.normalization!r}, momentum={self.momentum}"
 
     def forward(self, features: Tensor, modality: str) -> Tensor:
         """``(B, D) -> (B, D)`` fp32."""
@@ -46,7 +77,37 @@ class FeatureAdapter(nn.Module):
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         center = getattr(self, f"{modality}_center")
         scale = getattr(self, f"{modality}_scale")
-        return (features.float() - center) * scale
+        x = features.float()
+        if self.normalization == "running" and self.training and torch.is_grad_enabled():
+            batch = self._batch_statistics(x)
+            if batch is not None:
+                batch_center, batch_ms = batch
+                with torch.no_grad():
+                    center.lerp_(batch_center.detach(), self.momentum)
+                    running_ms = scale.pow(-2).lerp(batch_ms.detach(), self.momentum)
+                    scale.copy_(running_ms.clamp_min(1e-12).rsqrt())
+                return (x - batch_center) * batch_ms.clamp_min(1e-12).rsqrt()
+        return (x - center) * scale
+
+    @staticmethod
+    def _batch_statistics(x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Mean ``(D,)`` and mean square around it (scalar) of the global batch, with gradients.
+
+        ``None`` for a global batch of fewer than 2 rows (no spread to measure:
+        the running statistics are used instead).
+        """
+        # two passes over the global batch (mean, then the mean square around it: no cancellation
+        # when the features sit far from the origin); each gathers one row per rank, and the
+        # gather's backward routes every rank's share of the gradient back to its own rows
+        sums, _ = all_gather_with_grad(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]).unsqueeze(0))
+        total = sums.sum(0)
+        count = total[-1]
+        if float(count.detach()) < 2:
+            return None
+        mean = total[:-1] / count
+        squares, _ = all_gather_with_grad((x - mean).pow(2).sum().reshape(1, 1))
+        mean_square = squares.sum() / (count * x.shape[1])
+        return mean, mean_square
 
     @torch.no_grad()
     def calibrate(self, image_features: Tensor, text_features: Tensor) -> dict[str, float]:

@@ -62,6 +62,24 @@ class CLIPBackbone(nn.Module):
     def tokenize(self, texts: list[str]) -> Tokens:
         raise NotImplementedError
 
+    def _token_ids(self, texts: list[str], length: int) -> Tensor:
+        """``(B, length)`` token ids, truncated and padded to ``length`` the way :meth:`tokenize` does."""
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int:
+        """The number of tokens the text tower reads; longer texts are cut."""
+        raise NotImplementedError
+
+    def truncated(self, texts: list[str]) -> Tensor:
+        """``(B,)`` bool: the text is longer than :attr:`context_length` tokens, so the tower sees a cut version.
+
+        Tokenizer-agnostic: a text fits when tokenizing it one token longer only adds padding.
+        """
+        length = self.context_length
+        short, long = self._token_ids(texts, length), self._token_ids(texts, length + 1)
+        return (long[:, :length] != short).any(dim=1)
+
     def image_transform(self, train: bool = False) -> Callable:
         """PIL image -> ``(3, H, W)`` tensor, with training augmentation when ``train``."""
         raise NotImplementedError
@@ -140,12 +158,29 @@ class OpenCLIPBackbone(CLIPBackbone):
     def from_pretrained(cls, model_name: str, pretrained: str | None = None, **kwargs: Any) -> "OpenCLIPBackbone":
         import open_clip
 
-        if model_name.endswith(".json") and Path(model_name).is_file():
+        is_config_file = model_name.endswith(".json")
+        if is_config_file:
+            path = Path(model_name)
+            if not path.is_file():
+                raise FileNotFoundError(f"model config file not found: {model_name}")
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"model config {model_name} is not valid JSON: {error}") from error
             register_open_clip_configs(model_name)
-            model_name = Path(model_name).stem
+            model_name = path.stem
         else:
             register_open_clip_configs()
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        schemes = ("hf-hub:", "local-dir:")
+        if not model_name.startswith(schemes) and model_name not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {model_name!r}: give an architecture name "
+                             "(open_clip.list_models()), hf-hub:ORG/NAME, local-dir:FOLDER or a config .json file")
+        # random weights are the point of halo-embed's built-in architectures and of a config file;
+        # for any other architecture open_clip's warning tells a user who forgot --pretrained
+        by_design = pretrained is None and (is_config_file or (BUILTIN_CONFIGS / f"{model_name}.json").is_file())
+        with _quiet_random_init_warning() if by_design else contextlib.nullcontext():
+            model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                            **kwargs)
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise ValueError(f"open_clip has no model config for {model_name!r}")
@@ -162,6 +197,13 @@ class OpenCLIPBackbone(CLIPBackbone):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(list(texts))
+
+    def _token_ids(self, texts: list[str], length: int) -> Tensor:
+        return self._tokenizer(list(texts), context_length=length)
+
+    @property
+    def context_length(self) -> int:
+        return int(self._tokenizer.context_length)
 
     def image_transform(self, train: bool = False) -> Callable:
         return self._train_transform if train else self._val_transform
@@ -284,6 +326,14 @@ class HFCLIPBackbone(CLIPBackbone):
             list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def _token_ids(self, texts: list[str], length: int) -> Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                              return_tensors="pt")["input_ids"]
+
+    @property
+    def context_length(self) -> int:
+        return self.max_length
 
     def image_transform(self, train: bool = False) -> Callable:
         return _hf_image_transform(self.image_processor, train)

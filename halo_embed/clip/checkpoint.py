@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..io import to_jsonable
+from ..io import new_file_mode, to_jsonable
 from .backbones import rebuild_backbone
 from .model import HALOCLIP
 
@@ -58,6 +58,9 @@ def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[s
         raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # a save that was killed left its staging folder; one process writes a checkpoint, so any is stale
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging = directory.parent / f".{directory.name}.tmp-{tag}"
     staging.mkdir()
@@ -70,12 +73,15 @@ def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[s
             "halo_embed_version": __version__,
             "backbone": model.backbone.spec(),
             "loss": model.loss_config(),
+            "adapter": model.adapter_config(),
             "embed_dim": model.embed_dim,
             "abstain_bias": model.abstain_bias,
             "gamma": float(model.gamma.detach()),
             "extra": to_jsonable(extra or {}),
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        # safetensors writes through a private (0600) temporary file: give its file the mode of the others
+        os.chmod(staging / WEIGHTS_NAME, new_file_mode())
         _fsync_tree(staging)
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{tag}"
@@ -94,6 +100,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's ``config.json``; clear errors for a missing or damaged folder."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
+    if directory.is_file():
+        raise NotADirectoryError(f"checkpoint {directory} is a file; give the checkpoint folder that holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     if not directory.is_dir():
         leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
         hint = f"; an interrupted save left the previous checkpoint at {leftovers[-1]}" if leftovers else ""
@@ -129,9 +138,17 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
     backbone = rebuild_backbone(config["backbone"], directory)
-    model = HALOCLIP(backbone, **config["loss"])
+    # checkpoints written before the adapter had options used fixed statistics
+    adapter = config.get("adapter", {"normalization": "fixed"})
+    if not isinstance(adapter, dict):
+        raise ValueError(f"{directory / CONFIG_NAME} is damaged: its 'adapter' entry is not an object")
+    model = HALOCLIP(backbone, **config["loss"], **adapter)
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ValueError(f"{weights} is damaged or does not match {directory / CONFIG_NAME}: {error}") from error
+    # a damaged data region with an intact header loads; its NaN would make every probability NaN
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{weights} is damaged: {name} contains NaN or inf values")
     return model.to(device).eval()

@@ -27,12 +27,23 @@ class HALOCLIP(nn.Module):
         backbone: an :class:`~halo_embed.clip.backbones.CLIPBackbone`.
         num_candidates: the global training batch size (sets the abstain bias,
             see :class:`~halo_embed.losses.PairedHALOLoss`).
+        normalization / momentum: the feature adapter's statistics, ``"fixed"``
+            (measured once by :meth:`calibrate`) or ``"running"`` (batch
+            statistics in training, running ones for scoring); see
+            :class:`~halo_embed.clip.adapter.FeatureAdapter`.
         loss_kwargs: further :class:`PairedHALOLoss` arguments
             (``symmetric``, ``distill``, ``label_smoothing``, ``learn_gamma``,
             ``rejection_weight``, ``norm_weight``).
     """
 
-    def __init__(self, backbone: CLIPBackbone, num_candidates: int, **loss_kwargs: Any) -> None:
+    def __init__(
+        self,
+        backbone: CLIPBackbone,
+        num_candidates: int,
+        normalization: str = "fixed",
+        momentum: float = 0.05,
+        **loss_kwargs: Any,
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, CLIPBackbone):
             raise TypeError(f"backbone must be a CLIPBackbone, got {type(backbone).__name__}")
@@ -40,7 +51,7 @@ class HALOCLIP(nn.Module):
         # HALO's gamma replaces CLIP's logit scale; frozen, it also leaves DDP no unused parameter
         for param in backbone.contrastive_parameters():
             param.requires_grad_(False)
-        self.adapter = FeatureAdapter(backbone.embed_dim)
+        self.adapter = FeatureAdapter(backbone.embed_dim, normalization=normalization, momentum=momentum)
         self.loss = PairedHALOLoss(backbone.embed_dim, num_candidates, **loss_kwargs)
 
     @property
@@ -55,6 +66,9 @@ class HALOCLIP(nn.Module):
     @property
     def abstain_bias(self) -> float:
         return self.loss.abstain_bias
+
+    def adapter_config(self) -> dict[str, Any]:
+        return {"normalization": self.adapter.normalization, "momentum": self.adapter.momentum}
 
     def loss_config(self) -> dict[str, Any]:
         loss = self.loss

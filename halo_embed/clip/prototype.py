@@ -7,7 +7,9 @@
 
 The centroid of a class is the mean over prompt templates of the adapted text
 embedding of "a photo of a {name}." (computed through the text tower, so it
-fine-tunes with it unless the text tower is locked).
+fine-tunes with it unless the text tower is locked; with a locked tower,
+``frozen_text=True`` computes the prompts' features once instead of on every
+call).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_bool
 from ..inference import HALOHead, HALOPrediction
 from ..losses import HALOLoss
 from .model import HALOCLIP
@@ -35,12 +38,26 @@ class PrototypeClassifier(nn.Module):
         templates: prompt templates with one ``{}``.
         label_smoothing: of the classification :class:`~halo_embed.HALOLoss`
             (also sets its abstain bias for ``K`` classes).
+        init_gamma: the classification loss's starting temperature; ``None``
+            (default) starts from the CLIP model's learned temperature.
+        frozen_text: the text tower is not trained (e.g. a locked pretrained
+            sentence encoder): the prompts' backbone features are computed
+            once (in evaluation mode, without gradients; again only after a
+            move to another device) and only the adapter is applied on each
+            call. Raises ``ValueError`` on first use if the tower has
+            trainable parameters.
 
-    The classification loss starts from the CLIP model's learned temperature.
+    With the adapter's ``normalization="running"``, training through this
+    classifier normalises the prompts with their own statistics and moves the
+    text running statistics towards them: the prototypes are the text the
+    model is trained on.
+
+    Raises:
+        TypeError / ValueError: on invalid arguments, naming the argument.
     """
 
     def __init__(self, clip: HALOCLIP, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                 label_smoothing: float = 0.1) -> None:
+                 label_smoothing: float = 0.1, init_gamma: float | None = None, frozen_text: bool = False) -> None:
         super().__init__()
         if not isinstance(clip, HALOCLIP):
             raise TypeError(f"clip must be a HALOCLIP, got {type(clip).__name__}")
@@ -56,16 +73,41 @@ class PrototypeClassifier(nn.Module):
         self.class_names = names
         self.templates = templates
         self._prompts = [t.format(n) for n in names for t in templates]
-        self.loss = HALOLoss(clip.embed_dim, len(names), label_smoothing=label_smoothing)
-        with torch.no_grad():
-            self.loss.gamma.copy_(clip.loss.gamma)
+        self.loss = HALOLoss(clip.embed_dim, len(names), label_smoothing=label_smoothing, init_gamma=init_gamma)
+        if init_gamma is None:
+            with torch.no_grad():
+                self.loss.gamma.copy_(clip.loss.gamma)
+        self.frozen_text = check_bool("frozen_text", frozen_text)
+        self._prompt_cache: Tensor | None = None
+
+    def _prompt_features(self) -> Tensor:
+        """``(K * templates, D)`` backbone features of the prompts (before the adapter)."""
+        device = next(self.clip.parameters()).device
+        if self._prompt_cache is not None and self._prompt_cache.device == device:
+            return self._prompt_cache
+        tokens = self.clip.tokenize(self._prompts)
+        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        backbone = self.clip.backbone
+        if not self.frozen_text:
+            return backbone.encode_text(tokens)
+        # computed once, so in evaluation mode: a training-mode dropout sample would be frozen into every
+        # later call; a trainable tower shows itself by a result that requires grad
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.enable_grad():
+                features = backbone.encode_text(tokens)
+        finally:
+            backbone.train(was_training)
+        if features.requires_grad:
+            raise ValueError("frozen_text=True, but the text tower has trainable parameters: lock it "
+                             "(backbone.lock_text()) or pass frozen_text=False")
+        self._prompt_cache = features.float()
+        return self._prompt_cache
 
     def centroids(self) -> Tensor:
         """``(K, D)`` class prototypes (mean over templates of the adapted text embeddings)."""
-        tokens = self.clip.tokenize(self._prompts)
-        device = next(self.clip.parameters()).device
-        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-        text = self.clip.encode_text(tokens)
+        text = self.clip.adapter(self._prompt_features(), "text")
         return text.view(len(self.class_names), len(self.templates), -1).mean(dim=1)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ data's validation pairs, the pooled AUROC of mismatched captions falls from
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import geometry
-from .._validation import check_int
+from .._validation import check_int, check_tensor
 from ..data.images import load_image
 from ..eval.search import RejectionIndex, RejectionResult
 from .model import HALOCLIP
@@ -49,17 +50,23 @@ class PairScores:
         accept: ``(N,)`` bool, the caption beats the abstain sink (``probability >= 0.5``).
         logit: ``(N,)`` the caption's HALO logit for the image on the unit shell.
         abstain_bias: the sink's logit (the built-in threshold on ``logit``).
+        truncated: ``(N,)`` bool, the caption was longer than the text tower's
+            context and only its beginning was scored (``None`` when scored
+            from embeddings).
     """
 
     probability: Tensor
     accept: Tensor
     logit: Tensor
     abstain_bias: float
+    truncated: Tensor | None = None
 
     def to_records(self) -> list[dict[str, Any]]:
+        truncated = self.truncated if self.truncated is not None else [None] * len(self.probability)
         return [
-            {"probability": float(p), "accept": bool(a), "logit": float(l)}
-            for p, a, l in zip(self.probability, self.accept, self.logit)
+            {"probability": float(p), "accept": bool(a), "logit": float(l),
+             **({} if t is None else {"truncated": bool(t)})}
+            for p, a, l, t in zip(self.probability, self.accept, self.logit, truncated)
         ]
 
 
@@ -161,11 +168,23 @@ class AlignmentScorer:
         return torch.cat(out)
 
     def score_embeddings(self, image_embeddings: Tensor, text_embeddings: Tensor) -> PairScores:
-        """:meth:`score` from ``(N, D)`` embeddings of the pairs."""
+        """:meth:`score` from ``(N, D)`` embeddings of the pairs.
+
+        Raises:
+            ValueError: shapes that differ, or a NaN / inf embedding (naming its
+                row: a probability is never NaN, and NaN must never mean accept).
+        """
+        check_tensor("image_embeddings", image_embeddings, ndim=2, floating=True)
+        check_tensor("text_embeddings", text_embeddings, ndim=2, floating=True)
         if image_embeddings.shape != text_embeddings.shape:
             raise ValueError(
                 f"one text per image: got {image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts"
             )
+        for name, embeddings in (("image_embeddings", image_embeddings), ("text_embeddings", text_embeddings)):
+            bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten()
+            if bad.numel():
+                raise ValueError(f"{name} has NaN or inf values in row(s) {bad[:5].tolist()}"
+                                 + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
         distances = geometry.mean_square(image_embeddings - text_embeddings).squeeze(-1)
         logit = geometry.unit_shell_logits(distances, self.gamma)
         probability = torch.sigmoid(logit - self.abstain_bias)
@@ -174,9 +193,27 @@ class AlignmentScorer:
 
     def score(self, images: Sequence[Any] | Tensor, texts: Sequence[str]) -> PairScores:
         """For each pair ``(images[i], texts[i])``: the probability that they belong together and accept/reject."""
+        for name, value in (("images", images), ("texts", texts)):
+            if isinstance(value, (str, bytes, os.PathLike)):
+                raise TypeError(f"{name} must be a list (one entry per pair), got a single "
+                                f"{type(value).__name__}; wrap it in a list")
         if len(images) != len(texts):
             raise ValueError(f"one text per image: got {len(images)} images and {len(texts)} texts")
-        return self.score_embeddings(self.encode_images(images), self.encode_texts(texts))
+        scores = self.score_embeddings(self.encode_images(images), self.encode_texts(texts))
+        scores.truncated = self.truncated(texts)
+        return scores
+
+    def truncated(self, texts: Sequence[str]) -> Tensor | None:
+        """``(N,)`` bool: which texts are longer than the text tower reads (it scores their beginning).
+
+        ``None`` for a backbone that cannot tell (no :meth:`CLIPBackbone.context_length`).
+        """
+        try:
+            parts = [self.model.backbone.truncated(list(texts[start : start + self.batch_size]))
+                     for start in range(0, len(texts), self.batch_size)]
+        except NotImplementedError:
+            return None
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def rank(self, images: Sequence[Any] | Tensor, candidate_texts: Sequence[str], k: int = 5,
              backend: str = "faiss") -> Ranking:

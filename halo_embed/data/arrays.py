@@ -94,17 +94,17 @@ def load_image_folder(root: str | os.PathLike, size: int = 32, classes: list[str
     from PIL import Image
 
     from .collections import class_folders
+    from .images import load_image
 
     names, items = class_folders(root)
     if classes is not None and names != classes:
         raise ValueError(f"{root} has classes {names}, expected {classes}")
     pixels = np.empty((len(items), size, size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(items):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            pixels[i] = np.asarray(image)
+        image = load_image(path)  # any mode as 8-bit RGB; a broken or oversized file is named in the error
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        pixels[i] = np.asarray(image)
     labels = torch.tensor([label for _, label in items])
     return ImageArray(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels, Path(root).name, names)
 

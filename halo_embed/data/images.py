@@ -6,32 +6,81 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ImageLoadError", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image", "to_rgb"]
+
+#: Images with more pixels are refused (PIL's own decompression-bomb limit; ~9,500 x 9,500).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageLoadError(ValueError):
-    """An image file that is missing or cannot be decoded (the message names it)."""
+    """An image file that is missing, too large or cannot be decoded (the message names it)."""
 
 
-def load_image(source: Any):
-    """A PIL image in RGB from a path or a PIL image.
+def to_rgb(image):
+    """An 8-bit RGB copy of a PIL image of any mode.
+
+    ``convert("RGB")`` alone clips 16- and 32-bit greyscale to 255 (a white
+    image) and warns on palette images with transparency; those are rescaled
+    from their bit depth, or go through RGBA first. CMYK, YCbCr, LAB and HSV
+    are converted by PIL.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        # I;16 uses 16 bits; a 32-bit "I" image is usually 16-bit data as well (PNG decodes it so)
+        top = 65535.0 if image.mode != "I" or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # 0-1 floats or 0-255 floats
+        grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """A PIL image in 8-bit RGB from a path or a PIL image.
+
+    Args:
+        source: a file path or a PIL image.
+        max_pixels: refuse larger images (``None``: no limit beyond PIL's).
 
     Raises:
-        ImageLoadError: the file is missing, unreadable or not an image.
+        ImageLoadError: the file is missing, unreadable, not an image or over ``max_pixels``.
         TypeError: ``source`` is neither a path nor a PIL image.
     """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"an image must be a file path or a PIL image, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
+    # PIL refuses twice its own MAX_IMAGE_PIXELS before we can look; a larger max_pixels moves that guard
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    raised = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
     try:
-        with Image.open(path) as image:
+        if raised:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(f"image {path} has {width}x{height} pixels, over the limit of {max_pixels:,}")
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"image {path} is too large to decode safely: {error}") from error
+    except ImageLoadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"cannot read image {path}: {error}") from error
+    finally:
+        if raised:
+            Image.MAX_IMAGE_PIXELS = pil_limit

@@ -12,15 +12,16 @@ inside a DataLoader worker.
 
 from __future__ import annotations
 
-import csv
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .images import ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_csv
 
 __all__ = [
     "CSVPairs",
@@ -36,27 +37,27 @@ class CSVPairs:
 
     Args:
         path: the file; ``.tsv``/``.tab`` files default to tab-separated.
-        img_key / caption_key: column names (open_clip: ``--csv-img-key``, ``--csv-caption-key``).
+        img_key / caption_key: column names (open_clip: ``--csv-img-key``, ``--csv-caption-key``);
+            ``None``: open_clip's ``filepath`` / ``title``, else ``image`` / ``caption``.
         separator: column separator (default: by extension).
         root: folder that relative image paths are relative to (default: the file's folder).
 
     Rows with the same image path share an image id (several captions per image).
     """
 
-    def __init__(self, path: str | os.PathLike, img_key: str = "filepath", caption_key: str = "title",
+    def __init__(self, path: str | os.PathLike, img_key: str | None = None, caption_key: str | None = None,
                  separator: str | None = None, root: str | os.PathLike | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"caption file not found: {path}")
-        if separator is None:
-            separator = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=separator)
-            columns = reader.fieldnames or []
-            for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-                if key not in columns:
-                    raise ValueError(f"{path} has no column {key!r} (columns: {columns}); set {flag}")
-            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
+        table, (img_key, caption_key) = read_csv(path, [(img_key or IMAGE_COLUMNS, "--csv-img-key"),
+                                                        (caption_key or CAPTION_COLUMNS, "--csv-caption-key")],
+                                                 separator)
+        #: rows that could not be used (e.g. not valid UTF-8), with their errors; reported, not trained on
+        self.bad_rows = [f"{path}, line {row.line}: {row.error}" for row in table if row.error]
+        if self.bad_rows:
+            warnings.warn(f"{len(self.bad_rows)} row(s) of {path} skipped, e.g. {self.bad_rows[0]}", stacklevel=2)
+        rows = [(row.values.get(img_key) or "", row.values.get(caption_key) or "") for row in table if not row.error]
         if not rows:
             raise ValueError(f"{path} has no rows")
         base = Path(root) if root is not None else path.parent
@@ -158,13 +159,15 @@ class PairDataset(Dataset):
         transform: PIL image -> tensor (the backbone's ``image_transform``).
         seed: seeds each draw's augmentation together with the draw id, so
             augmentation does not depend on worker count, order or resumption.
+        max_pixels: larger images count as broken (see :func:`~halo_embed.data.images.load_image`).
 
     ``dataset[draw_id]`` returns a dict with ``pixels`` (or ``None`` when the
     image is broken), ``caption``, ``image_id`` and ``error`` (the message).
     """
 
-    def __init__(self, source: Any, transform: Callable, seed: int = 0) -> None:
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source: Any, transform: Callable, seed: int = 0,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.source, self.transform, self.seed, self.max_pixels = source, transform, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.source)
@@ -173,7 +176,7 @@ class PairDataset(Dataset):
         image, caption, image_id = self.source[draw_id % len(self.source)]
         sample = {"pixels": None, "caption": caption, "image_id": int(image_id), "error": None}
         try:
-            pil = load_image(image)
+            pil = load_image(image, max_pixels=self.max_pixels)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + int(draw_id))
                 sample["pixels"] = self.transform(pil)

@@ -12,8 +12,8 @@ a side-by-side report in the published table's layout (ID accuracy, ECE,
 far-OOD SVHN and near-OOD CIFAR-100/-10 AUROC and FPR@95) with the published
 numbers as extra columns; with ``--seeds N``, one run per seed under
 ``<output>/<name>/seed-<s>/`` and a report of mean ± std over seeds. Measured
-results on this project's hardware (2 CPU cores, ``small`` and ``medium``
-presets) are in README.md; the published ones (200-epoch-class GPU training)
+results on this project's hardware (2 CPU cores, ``small``, ``medium`` and
+``large`` presets) are in README.md; the published ones (200-epoch-class GPU training)
 need the ``full`` preset on a GPU.
 
 Method (defaults in :class:`CifarConfig`):
@@ -28,7 +28,7 @@ Method (defaults in :class:`CifarConfig`):
    :class:`~halo_embed.HALOModel` holds the centroids.
 3. Losses: ``cce`` = cross-entropy with label smoothing 0.1; ``halo`` =
    :class:`~halo_embed.HALOLoss` (the reference's loss: label smoothing 0.1,
-   distillation) with its temperature started at ``init_gamma``. The
+   distillation) with its temperature started at ``init_gamma`` (2). The
    reference's start, 20/(2 - (1 - 2/D)) = 16.7 for D = 10, spreads the
    initial class logits over ~10 nats; the first steps then shrink the
    centroids onto each other and HALO learns far slower than CCE
@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from .. import HALOHead, HALOLoss, HALOModel
+from .._validation import check_device
 from ..inference import softmax_ood_scores
 from ..io import atomic_write_json
 from .common import (
@@ -103,6 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, ~6 minutes per run: the same network on twice the images for twice the epochs
     "medium": {"width": 16, "epochs": 8, "train_limit": 20000, "test_limit": 2000, "ood_limit": 1000,
                "batch_size": 128},
+    # 2 CPU cores, ~10 minutes per run: every training image, 6 epochs
+    "large": {"width": 16, "epochs": 6, "train_limit": None, "test_limit": 2000, "ood_limit": 1000,
+              "batch_size": 128},
 }
 
 
@@ -117,7 +121,7 @@ class CifarConfig:
     far_ood: list[str] = field(default_factory=list)    # default: svhn
     loss: str = "halo"
     emb_dims: int | None = None              # HALO embedding size; default = number of classes
-    init_gamma: float | None = None          # HALO's starting temperature; None = the reference's 20/(2-(1-2/D))
+    init_gamma: float | None = 2.0           # HALO's starting temperature; None = the reference's 20/(2-(1-2/D))
     width: int = 64                          # ResNet-18 stage-1 channels (64 = standard)
     epochs: int = 200
     batch_size: int = 128
@@ -140,6 +144,10 @@ class CifarConfig:
 
     def run_dir(self) -> Path:
         return Path(self.output) / (self.name or f"cifar-{self.dataset}") / self.loss
+
+
+#: the options a preset sets (each also a command-line option)
+PRESET_OPTIONS = frozenset(key for preset in PRESETS.values() for key in preset)
 
 
 def apply_preset(config: CifarConfig, explicit: set[str]) -> CifarConfig:
@@ -170,6 +178,8 @@ def validate(config: CifarConfig) -> None:
         raise ValueError(f"--emb-dims must be >= 2, got {config.emb_dims}")
     if config.init_gamma is not None and not config.init_gamma > 0:
         raise ValueError(f"--init-gamma must be a positive temperature or 'reference', got {config.init_gamma}")
+    if config.device is not None:
+        check_device("--device", config.device)
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +252,17 @@ def _device(config: CifarConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def check_run_folder(config: CifarConfig) -> None:
+    """A run never overwrites another: a folder with a checkpoint is only continued, with ``--resume``.
+
+    (A folder without one holds a run that stopped before its first epoch ended, which ``--resume latest``
+    with ``--seeds`` starts again.)
+    """
+    if config.resume is None and (config.run_dir() / "checkpoint.pt").exists():
+        raise FileExistsError(f"run folder {config.run_dir()} already holds a run: continue it with --resume latest, "
+                              "or choose another --name or --output")
+
+
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
     """Train one loss (resumable) and evaluate it; returns the metrics."""
     from tqdm.auto import tqdm
@@ -249,6 +270,7 @@ def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
     from ..data.arrays import AugmentedBatches
 
     validate(config)
+    check_run_folder(config)
     seed_everything(config.seed)
     data = data or load_data(config)
     device = _device(config)
@@ -512,9 +534,23 @@ def _init_gamma(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}") from None
 
 
+class _Given(argparse.Action):
+    """Store the value and remember that the option was given, so that ``--preset`` does not override it
+    (however it was spelt: ``--epochs 7``, ``--epochs=7``, an abbreviation)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given_options = getattr(namespace, "given_options", frozenset()) | {self.dest}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CifarConfig()
-    add = parser.add_argument
+
+    def add(*flags, **kwargs):
+        if flags[0].lstrip("-").replace("-", "_") in PRESET_OPTIONS:
+            kwargs["action"] = _Given
+        parser.add_argument(*flags, **kwargs)
+
     add("action", nargs="?", choices=("train", "compare"), default="train",
         help="train one loss (default) or compare both with the same seed and budget")
     add("--dataset", choices=DATASETS, default=d.dataset,
@@ -548,10 +584,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", dest="progress", action="store_false")
 
 
-def configs_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> list[CifarConfig]:
+def configs_from_args(args: argparse.Namespace) -> list[CifarConfig]:
     values = {k: v for k, v in vars(args).items() if k in CifarConfig.__dataclass_fields__}
-    explicit = {k for k in values if f"--{k.replace('_', '-')}" in (argv if argv is not None else sys.argv)}
-    config = apply_preset(CifarConfig(**values), explicit)
+    config = apply_preset(CifarConfig(**values), set(getattr(args, "given_options", ())))
     losses = LOSSES if args.action == "compare" else (config.loss,)
     configs = [replace(config, loss=loss) for loss in losses]
     for c in configs:
@@ -571,16 +606,19 @@ def seeded(config: CifarConfig, seed: int) -> CifarConfig:
     return seeded_config
 
 
-def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    configs = configs_from_args(args, argv)
-    data = load_data(configs[0])
+def run(args: argparse.Namespace) -> int:
+    configs = configs_from_args(args)
     first = configs[0]
+    if first.seeds > 1 and first.resume not in (None, "latest"):
+        raise ValueError(f"--resume with --seeds takes 'latest' (each seed resumes its own run), got {first.resume!r}")
+    seeds = list(range(first.seed, first.seed + first.seeds))
+    for config in configs:  # every run folder is checked before the data are loaded and the first run trains
+        for seed in seeds:
+            check_run_folder(config if first.seeds == 1 else seeded(config, seed))
+    data = load_data(first)
     if first.seeds == 1:
         results = [train(c, data) for c in configs]
         return print_reports(configs, results, write_comparison)
-    if first.resume not in (None, "latest"):
-        raise ValueError(f"--resume with --seeds takes 'latest' (each seed resumes its own run), got {first.resume!r}")
-    seeds = list(range(first.seed, first.seed + first.seeds))
     runs: dict[str, list[dict[str, float]]] = {c.loss: [] for c in configs}
     for seed in seeds:
         for c in configs:
@@ -593,7 +631,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return recipe_main("halo_embed.recipes.cifar", __doc__, add_arguments, lambda args: run(args, argv), argv)
+    return recipe_main("halo_embed.recipes.cifar", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..io import atomic_write_json, atomic_write_text
 from .common import print_reports, recipe_main, seed_everything, warmup_cosine
 
@@ -80,8 +81,8 @@ class FinetuneConfig:
     train_data: str = "shapes"           # "shapes" (built-in), a CSV/TSV, an image folder, or an HF dataset
     val_data: str | None = None          # same kinds; default for shapes: its val split
     dataset_type: str = "auto"           # auto | shapes | csv | imagefolder | hf
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
+    csv_img_key: str | None = None       # None: open_clip's "filepath", else "image"
+    csv_caption_key: str | None = None   # None: open_clip's "title", else "caption"
     csv_separator: str | None = None
     caption_template: str = "a photo of a {}."   # imagefolder: captions name the class
     hf_image_column: str = "image"
@@ -116,7 +117,10 @@ class FinetuneConfig:
     symmetric: bool = True
     rejection_weight: float = 0.0        # absent-positive term (see PairedHALOLoss)
     norm_weight: float = 0.0             # radial NLL on |x|^2/D (see PairedHALOLoss)
+    normalization: str = "fixed"         # feature adapter: "fixed" statistics or "running" (see FeatureAdapter)
+    normalization_momentum: float = 0.05
     calibration_samples: int = 512
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger training images count as broken (PIL's bomb limit)
     # run
     seed: int = 0
     logs: str = "runs"
@@ -146,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--train-data", default=d.train_data, help="'shapes' (built-in), a CSV/TSV, an image folder, or an HF dataset")
     add("--val-data", default=d.val_data)
     add("--dataset-type", choices=("auto", "shapes", "csv", "imagefolder", "hf"), default=d.dataset_type)
-    add("--csv-img-key", default=d.csv_img_key)
-    add("--csv-caption-key", default=d.csv_caption_key)
+    add("--csv-img-key", default=d.csv_img_key, help="image path column (default: filepath, else image)")
+    add("--csv-caption-key", default=d.csv_caption_key, help="caption column (default: title, else caption)")
     add("--csv-separator", default=d.csv_separator)
     add("--caption-template", default=d.caption_template, help="imagefolder: caption with {} for the class name")
     add("--hf-image-column", default=d.hf_image_column)
@@ -158,6 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shapes-val-images", type=int, default=d.shapes_val_images)
     add("--ood-data", nargs="*", default=[], help="folders or .npz files of OOD images for the rejection report")
     add("--strict-images", action="store_true", help="stop at the first broken image (default: skip and count)")
+    add("--max-image-pixels", type=int, default=d.max_image_pixels, help="larger images count as broken")
     add("--workers", type=int, default=d.workers)
     add("--loss", nargs="+", choices=LOSSES, default=[d.loss], help="one loss, or several to compare (same init)")
     add("--epochs", type=int, default=d.epochs)
@@ -181,6 +186,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rejection-weight", type=float, default=d.rejection_weight,
         help="HALO: weight of the absent-positive term (the sink must beat every wrong candidate)")
     add("--norm-weight", type=float, default=d.norm_weight, help="HALO: weight of the radial term on |x|^2/D")
+    add("--normalization", choices=("fixed", "running"), default=d.normalization,
+        help="HALO: centre and scale each modality with statistics measured once (fixed) or with every "
+             "training batch's, tracked for scoring (running)")
+    add("--normalization-momentum", type=float, default=d.normalization_momentum,
+        help="HALO, --normalization running: weight of each batch in the running statistics")
     add("--calibration-samples", type=int, default=d.calibration_samples)
     add("--seed", type=int, default=d.seed)
     add("--logs", "--output", dest="logs", default=d.logs,
@@ -209,14 +219,31 @@ def config_from_args(args: argparse.Namespace) -> list[FinetuneConfig]:
     return configs
 
 
+def check_run_folder(config: FinetuneConfig) -> None:
+    """A run never overwrites another: a folder with a checkpoint or a report is only continued, with --resume.
+
+    (A folder without either holds a run that stopped before its first save; it starts again.)
+    """
+    run_dir = config.run_dir()
+    saved = [run_dir / "checkpoints" / "latest", run_dir / "checkpoint", run_dir / "report.md"]
+    if config.resume is None and any(path.exists() for path in saved):
+        raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
+                              "or choose another --name or --output")
+
+
 def validate(config: FinetuneConfig) -> None:
-    for name in ("batch_size", "accum_freq", "epochs", "save_every", "log_every", "keep_checkpoints", "eval_images"):
+    for name in ("batch_size", "accum_freq", "epochs", "save_every", "log_every", "keep_checkpoints", "eval_images",
+                 "max_image_pixels"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
     if config.loss == "halo" and config.batch_size < 2:
         raise ValueError("--batch-size must be >= 2 for HALO (each image needs other captions to compete with)")
     if config.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {config.lr}")
+    if not 0 < config.normalization_momentum <= 1:
+        raise ValueError(f"--normalization-momentum must be in (0, 1], got {config.normalization_momentum}")
     if config.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {config.precision}")
     if PRECISIONS[config.precision] == "fp16" and not torch.cuda.is_available():
@@ -322,6 +349,7 @@ def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
             backbone, num_candidates=config.batch_size * world_size, symmetric=config.symmetric,
             distill=config.distill, label_smoothing=config.label_smoothing,
             rejection_weight=config.rejection_weight, norm_weight=config.norm_weight,
+            normalization=config.normalization, momentum=config.normalization_momentum,
         )
     return ContrastiveCLIP(backbone, config.loss, rank, world_size)
 
@@ -447,14 +475,14 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
     main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", asdict(config))
+    check_run_folder(config)
+    accelerator.wait_for_everyone()  # every rank has looked before the main one creates the folder
 
     model = build_model(config, accelerator.process_index, accelerator.num_processes)
     backbone = model.backbone
     train_source = load_pairs(config, "train")
-    dataset = PairDataset(train_source, backbone.image_transform(train=True), seed=config.seed)
+    dataset = PairDataset(train_source, backbone.image_transform(train=True), seed=config.seed,
+                          max_pixels=config.max_image_pixels)
     sampler = EpochSampler(len(dataset), seed=config.seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
@@ -462,17 +490,27 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     )
     if len(loader) == 0:
         raise ValueError(f"the training data has {len(dataset)} pairs, fewer than one batch of {config.batch_size}")
+    load_pairs(config, "val")  # a missing or malformed --val-data is reported now, not after training
+    if main:  # the model and the data are usable: the run folder is created only now
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", asdict(config))
 
     resume_dir = resolve_resume(config.resume, run_dir) if config.resume else None
     if config.loss == "halo" and resume_dir is None:
         # a seeded random sample (files are often sorted by class), the same on every process,
         # so every rank gets the same statistics
-        calibration = PairDataset(train_source, backbone.image_transform(train=False), seed=config.seed)
+        calibration = PairDataset(train_source, backbone.image_transform(train=False), seed=config.seed,
+                                  max_pixels=config.max_image_pixels)
         count = min(config.calibration_samples, len(calibration))
         chosen = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(config.seed))[:count].tolist()
         batches = [collate_pairs([calibration[i] for i in chosen[s : s + 64]], backbone.tokenize)
                    for s in range(0, count, 64)]
-        stats = model.calibrate((b["pixels"], b["tokens"]) for b in batches if b["pixels"] is not None)
+        usable = [(b["pixels"], b["tokens"]) for b in batches if b["pixels"] is not None]
+        if not usable:
+            errors = [e for b in batches for e in b["errors"]]
+            raise ImageLoadError(f"none of the {count} calibration samples could be read, e.g. {errors[0]}"
+                                 if errors else "the training data has no usable sample to calibrate on")
+        stats = model.calibrate(usable)
         accelerator.print(f"adapter calibrated on {count} samples: {stats}")
 
     steps_per_epoch = math.ceil(len(loader) / config.accum_freq)
@@ -499,16 +537,19 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) \
             if progress.batches_in_epoch else loader
         group: list[dict[str, Any]] = []
+        whole_epoch, usable_batches, first_error = progress.batches_in_epoch == 0, 0, None
         for batch in batches:
             progress.batches_in_epoch += 1
             if batch["errors"]:
                 progress.skipped_images += len(batch["errors"])
+                first_error = first_error or batch["errors"][0]
                 if config.strict_images:
                     raise ImageLoadError(f"broken training image (--strict-images): {batch['errors'][0]}")
             if batch["pixels"] is None:
                 if accelerator.num_processes > 1:
                     raise ImageLoadError(f"every image of a batch is broken, e.g. {batch['errors'][0]}")
                 continue
+            usable_batches += 1
             group.append(batch)
             last_of_epoch = progress.batches_in_epoch == len(loader)
             if len(group) < config.accum_freq and not last_of_epoch:
@@ -532,6 +573,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
             if progress.step >= total_steps:
                 break
         else:
+            if whole_epoch and usable_batches == 0:  # every image broken: another epoch would loop forever
+                raise ImageLoadError(f"no training image of a whole epoch could be read, e.g. {first_error}")
             progress.epoch += 1
             progress.batches_in_epoch = 0
             continue
@@ -540,7 +583,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, Any] = {"config": asdict(config), "steps": progress.step,
-                               "skipped_images": progress.skipped_images}
+                               "skipped_images": progress.skipped_images,
+                               "skipped_rows": len(getattr(train_source, "bad_rows", []))}
     if main:
         if config.loss == "halo":
             from ..clip import save_checkpoint
@@ -693,8 +737,16 @@ def write_comparison(configs: Sequence[FinetuneConfig], results: Sequence[dict[s
 
 def run(args: argparse.Namespace) -> int:
     configs = config_from_args(args)
+    for config in configs:  # a comparison fails before its first loss trains, not after
+        check_run_folder(config)
     results = [train(config) for config in configs]
-    return print_reports(configs, results, write_comparison)
+    print_reports(configs, results, write_comparison)
+    skipped = sum(r["skipped_images"] for r in results), sum(r["skipped_rows"] for r in results)
+    if any(skipped):  # exit status 1: done, but some input was rejected
+        print(f"{skipped[0]} training image draw(s) and {skipped[1]} CSV row(s) were skipped (see the warnings "
+              "above and skipped_images in log.jsonl)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The paired geometry during training: HALO with the feature adapter's statistics fixed at the start
+# (the default), with running statistics (--normalization running), and running statistics plus the
+# absent-positive and norm terms, against CLIP's loss; same init, data, steps and seed for all.
+# Then where each HALO run put images and captions (experiments/pair_diagnostics.py).
+#   DATA=cifar10 experiments/pair_normalization.sh    # CIFAR-10 class captions, ~5 minutes per run on 2 CPU cores
+#   DATA=flickr experiments/pair_normalization.sh     # Flickr8k-1000 with MiniLM, ~8 minutes per run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-cifar10}
+case "$DATA" in
+  cifar10) run=(experiments/cifar10_captions.sh); base=cifar10-captions-norm ;;
+  flickr) run=(experiments/flickr_minilm.sh --epochs 3); base=flickr-minilm-norm ;;
+  *) echo "DATA must be cifar10 or flickr, got $DATA" >&2; exit 2 ;;
+esac
+set -x
+"${run[@]}" --name "$base" --no-progress "$@"       # halo (fixed statistics) and clip, in runs/$base/{halo,clip}
+"${run[@]}" --loss halo --normalization running --name "$base-running" --no-progress "$@"
+"${run[@]}" --loss halo --normalization running --rejection-weight 1 --norm-weight 1 \
+  --name "$base-running-terms" --no-progress "$@"
+.venv/bin/python experiments/pair_diagnostics.py "runs/$base/halo" "runs/$base-running" "runs/$base-running-terms"
