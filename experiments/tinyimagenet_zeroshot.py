@@ -132,14 +132,17 @@ class CosinePrototypes(nn.Module):
         self.backbone = backbone
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.class_names = class_names
-        with torch.no_grad():
-            self.prompts = F.normalize(backbone.encode_text(backbone.tokenize([TEMPLATE.format(n) for n in class_names])),
-                                       dim=-1)
+        self.prompts = self.prototypes_for(class_names)  # the locked tower's, computed once
 
+    @torch.no_grad()
     def prototypes_for(self, names: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(self.backbone.encode_text(self.backbone.tokenize([TEMPLATE.format(n) for n in names])),
-                               dim=-1)
+        was_training = self.backbone.training
+        self.backbone.eval()  # no dropout sample frozen into the prototypes
+        try:
+            tokens = self.backbone.tokenize([TEMPLATE.format(n) for n in names])
+            return F.normalize(self.backbone.encode_text(tokens), dim=-1)
+        finally:
+            self.backbone.train(was_training)
 
     def cosines(self, pixels: torch.Tensor, prototypes: torch.Tensor | None = None) -> torch.Tensor:
         images = F.normalize(self.backbone.encode_image(pixels), dim=-1)

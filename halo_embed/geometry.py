@@ -38,6 +38,7 @@ __all__ = [
     "inverse_softplus",
     "mean_square",
     "mean_squared_distances",
+    "pair_mean_square",
     "pad_abstain_target",
     "radial_nll",
     "radial_nll_and_grad",
@@ -123,6 +124,12 @@ def effective_gamma(raw_gamma: Tensor) -> Tensor:
 def mean_square(x: Tensor) -> Tensor:
     """``|x|^2 / D`` per row: ``(N, D) -> (N, 1)``."""
     return x.pow(2).mean(dim=-1, keepdim=True)
+
+
+def pair_mean_square(x: Tensor, c: Tensor) -> Tensor:
+    """``|x_i - c_i|^2 / D`` of row-aligned pairs: ``(N, D), (N, D) -> (N,)`` (the radial term's ``r_sq``,
+    and the distance a pair is judged by)."""
+    return (x - c).pow(2).mean(dim=-1)
 
 
 def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tensor:

@@ -48,3 +48,24 @@ def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None
         torch.save({"loss": loss.detach(), "grads": grads, "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def uneven_gather_worker(rank, world_size, init_file, out_dir):
+    """Rank r holds r + 2 rows; gather them with gradients and back-propagate a loss over the gathered rows."""
+    from halo_embed.distributed import all_gather_no_grad, all_gather_with_grad
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        rows = uneven_rows()[rank].clone().requires_grad_()
+        gathered, offset = all_gather_with_grad(rows)
+        weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
+        (weights * gathered).sum().mul(rank + 1).backward()  # each rank's loss differs
+        torch.save({"gathered": gathered.detach(), "offset": offset, "grad": rows.grad,
+                    "no_grad": all_gather_no_grad(rows.detach())}, os.path.join(out_dir, f"uneven{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def uneven_rows():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(r + 2, 3, generator=g) for r in range(2)]

@@ -217,7 +217,11 @@ def test_prototype_zero_shot_and_fine_tuning(tiny_backbone):
     labels = torch.tensor([0, 1] * 4)  # shape_images alternates squares (even) and circles (odd)
     labels = 1 - labels
     out = classifier.predict(pixels)
-    assert out.probs.shape == (8, 3) and set(out.labels.tolist()) <= {-1, 0, 1}
+    assert out.probs.shape == (8, 3)
+    # the decision is the argmax over [circle, square, sink], the sink's column meaning ABSTAIN (-1)
+    top = out.probs.argmax(dim=1)
+    torch.testing.assert_close(out.labels, torch.where(top == 2, torch.full_like(top, -1), top))
+    torch.testing.assert_close(out.abstained, top == 2)
     optimizer = torch.optim.Adam([p for p in classifier.parameters() if p.requires_grad], lr=3e-4)
     losses = []
     for _ in range(15):
@@ -294,7 +298,11 @@ def test_cli_score_single_and_batch(tiny_model_dirs, tmp_path, run_cli):
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(("ACCEPT", "REJECT")) and "p(belongs)" in ok.stdout
     as_json = run_cli("score", "--checkpoint", str(ckpt), "--image", str(tmp_path / "img0.png"), "--text", "x", "--json")
-    assert 0 <= json.loads(as_json.stdout)["probability"] <= 1
+    record = json.loads(as_json.stdout)
+    # the printed probability is HALO's two-candidate softmax of the printed logit against the abstain bias
+    expected = torch.sigmoid(torch.tensor(record["logit"] - record["abstain_bias"], dtype=torch.float64))
+    assert record["probability"] == pytest.approx(float(expected), rel=1e-5, abs=1e-12)
+    assert record["accept"] == (record["logit"] >= record["abstain_bias"])
 
     for args, message in [
         (("--image", str(tmp_path / "nope.png"), "--text", "a"), "image file not found"),

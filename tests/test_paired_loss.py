@@ -3,7 +3,7 @@ import torch
 import torch.multiprocessing as mp
 
 from halo_embed.losses import PairedHALOLoss
-from dist_paired_worker import PairModel, global_batch, worker
+from dist_paired_worker import PairModel, global_batch, uneven_gather_worker, uneven_rows, worker
 from reference_paired import reference_paired_loss
 
 
@@ -103,3 +103,20 @@ def test_two_processes_equal_one_process(tmp_path, loss_kwargs, normalization):
     for name, b in model.named_buffers():
         for r in ranks:
             torch.testing.assert_close(r["buffers"][name], b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_gather_with_uneven_shards(tmp_path):
+    """Ranks with 2 and 3 rows: both see all 5 rows in rank order; each rank's gradient is the sum over all
+    ranks' losses of the gradient on its own rows (what DDP's averaging turns into the global-batch gradient)."""
+    mp.spawn(uneven_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"uneven{r}.pt") for r in range(2)]
+    rows = uneven_rows()
+    everything = torch.cat(rows)
+    weights = torch.arange(everything.numel(), dtype=torch.float32).view_as(everything)
+    for rank, out in enumerate(ranks):
+        torch.testing.assert_close(out["gathered"], everything)
+        torch.testing.assert_close(out["no_grad"], everything)
+        assert out["offset"] == (0, 2)[rank]
+        own = slice(out["offset"], out["offset"] + rows[rank].shape[0])
+        torch.testing.assert_close(out["grad"], weights[own] * (1 + 2))  # rank losses weighted 1 and 2
+

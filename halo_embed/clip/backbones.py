@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "CLIPBackbone", "HFCLIPBackbone", "OpenCLIPBackbone", "load_backbone", "rebuild_backbone"]
+__all__ = ["FAMILIES", "CLIPBackbone", "HFCLIPBackbone", "OpenCLIPBackbone", "load_backbone", "move_tokens",
+           "rebuild_backbone"]
 
 FAMILIES = ("open_clip", "transformers")
 
@@ -38,6 +39,13 @@ def register_open_clip_configs(extra: str | Path | None = None) -> None:
         open_clip.add_model_config(Path(extra))
 
 Tokens = Any  # a LongTensor (open_clip) or a dict of tensors (transformers)
+
+
+def move_tokens(tokens: Tokens, device: torch.device | str) -> Tokens:
+    """Tokens from :meth:`CLIPBackbone.tokenize` on ``device`` (either form)."""
+    if isinstance(tokens, dict):
+        return {key: value.to(device) for key, value in tokens.items()}
+    return tokens.to(device)
 
 
 class CLIPBackbone(nn.Module):

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import geometry
 from ..eval import best_threshold, ood_metrics, retrieval_recall, threshold_accuracy
+from .backbones import move_tokens
 
 __all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "evaluate_alignment"]
 
@@ -52,8 +53,7 @@ class HALOView:
         return self.model.encode_text(tokens)
 
     def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
-        return geometry.unit_shell_logits(geometry.mean_square(images - texts).squeeze(-1),
-                                          float(self.model.gamma.detach()))
+        return geometry.unit_shell_logits(geometry.pair_mean_square(images, texts), float(self.model.gamma.detach()))
 
     def builtin_threshold(self) -> float | None:
         """Accept a pair when its score is at least this (the abstain bias)."""
@@ -203,7 +203,7 @@ def _embed_texts(view, texts: Sequence[str], device, batch_size: int) -> Tensor:
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = view.backbone.tokenize(list(texts[start : start + batch_size]))
-        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        tokens = move_tokens(tokens, device)
         out.append(view.encode_texts(tokens).float().cpu())
     return torch.cat(out)
 

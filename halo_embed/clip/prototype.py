@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .._validation import check_bool
 from ..inference import HALOHead, HALOPrediction
 from ..losses import HALOLoss
+from .backbones import move_tokens
 from .model import HALOCLIP
 
 __all__ = ["DEFAULT_TEMPLATES", "PrototypeClassifier"]
@@ -86,7 +87,7 @@ class PrototypeClassifier(nn.Module):
         if self._prompt_cache is not None and self._prompt_cache.device == device:
             return self._prompt_cache
         tokens = self.clip.tokenize(self._prompts)
-        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        tokens = move_tokens(tokens, device)
         backbone = self.clip.backbone
         if not self.frozen_text:
             return backbone.encode_text(tokens)

@@ -36,6 +36,7 @@ from .. import geometry
 from .._validation import check_int, check_tensor
 from ..data.images import load_image
 from ..eval.search import RejectionIndex, RejectionResult
+from .backbones import move_tokens
 from .model import HALOCLIP
 
 __all__ = ["AlignmentScorer", "PairScores", "Ranking"]
@@ -163,7 +164,7 @@ class AlignmentScorer:
         out = []
         for start in range(0, len(texts), self.batch_size):
             tokens = self.model.tokenize(list(texts[start : start + self.batch_size]))
-            tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
+            tokens = move_tokens(tokens, self.device)
             out.append(self.model.encode_text(tokens).float().cpu())
         return torch.cat(out)
 
@@ -185,8 +186,7 @@ class AlignmentScorer:
             if bad.numel():
                 raise ValueError(f"{name} has NaN or inf values in row(s) {bad[:5].tolist()}"
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
-        distances = geometry.mean_square(image_embeddings - text_embeddings).squeeze(-1)
-        logit = geometry.unit_shell_logits(distances, self.gamma)
+        logit = geometry.unit_shell_logits(geometry.pair_mean_square(image_embeddings, text_embeddings), self.gamma)
         probability = torch.sigmoid(logit - self.abstain_bias)
         accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
         return PairScores(probability, accept, logit, self.abstain_bias)

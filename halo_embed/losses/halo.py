@@ -244,7 +244,7 @@ class HALOLoss(HALOLossBase):
                     shifted, pos, gamma, self.abstain_bias, is_target,
                     self.label_smoothing, self.distill, self.reduction,
                 )
-                r_sq = (pos - cen[columns]).pow(2).mean(dim=-1)
+                r_sq = geometry.pair_mean_square(pos, cen[columns])
                 loss = loss_ce + reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
         raise_if_not_finite(loss.detach(), [("embeddings", pos), ("centroids", cen)])
         return loss, true

@@ -193,7 +193,7 @@ class PairedHALOLoss(HALOLossBase):
             image_to_text, reject_i2t = direction(images, all_texts)
             text_to_image, reject_t2i = direction(texts, all_images) if self.symmetric else (None, None)
             ce = image_to_text if text_to_image is None else 0.5 * (image_to_text + text_to_image)
-            r_sq = (images - texts).pow(2).mean(dim=-1)
+            r_sq = geometry.pair_mean_square(images, texts)
             radial = geometry.radial_nll(r_sq, self.emb_dims).mean()
             loss = ce + radial
             extra: dict[str, Tensor] = {}

@@ -28,7 +28,8 @@ Method (defaults in :class:`CifarConfig`):
    :class:`~halo_embed.HALOModel` holds the centroids.
 3. Losses: ``cce`` = cross-entropy with label smoothing 0.1; ``halo`` =
    :class:`~halo_embed.HALOLoss` (the reference's loss: label smoothing 0.1,
-   distillation) with its temperature started at ``init_gamma`` (2). The
+   distillation; its default fused implementation, equal to the faithful one
+   up to rounding) with its temperature started at ``init_gamma`` (2). The
    reference's start, 20/(2 - (1 - 2/D)) = 16.7 for D = 10, spreads the
    initial class logits over ~10 nats; the first steps then shrink the
    centroids onto each other and HALO learns far slower than CCE
