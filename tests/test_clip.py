@@ -467,6 +467,11 @@ def test_running_normalization_checkpoint_scores_as_trained(tiny_backbone, tmp_p
     assert not torch.allclose(AlignmentScorer(loaded).score(images, CAPTIONS[:4]).logit, expected.logit)
 
 
+def test_scorer_refuses_an_uncalibrated_model(tiny_backbone):
+    with pytest.raises(ValueError, match="model's feature adapter is not calibrated: call model.calibrate"):
+        AlignmentScorer(HALOCLIP(tiny_backbone, num_candidates=8))
+
+
 def test_adapter_refuses_identical_samples(tiny_backbone):
     model = HALOCLIP(tiny_backbone, num_candidates=8)
     same = torch.randn(1, tiny_backbone.embed_dim).repeat(6, 1)

@@ -111,6 +111,9 @@ class AlignmentScorer:
     def __init__(self, model: HALOCLIP, device: str | torch.device | None = None, batch_size: int = 64) -> None:
         if not isinstance(model, HALOCLIP):
             raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
+        if not bool(model.adapter.calibrated):  # the abstain bias assumes the adapter's unit-mean-square geometry
+            raise ValueError("model's feature adapter is not calibrated: call model.calibrate(batches) on training "
+                             "data first (checkpoints of halo-embed finetune are calibrated)")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
