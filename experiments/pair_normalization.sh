@@ -3,15 +3,15 @@
 # (the default), with running statistics (--normalization running), and running statistics plus the
 # absent-positive and norm terms, against CLIP's loss; same init, data, steps and seed for all.
 # Then where each HALO run put images and captions (experiments/pair_diagnostics.py).
-#   DATA=cifar10 experiments/pair_normalization.sh    # CIFAR-10 class captions, ~5 minutes per run on 2 CPU cores
-#   DATA=flickr experiments/pair_normalization.sh     # Flickr8k-1000 with MiniLM, ~8 minutes per run
+#   SET=cifar10 experiments/pair_normalization.sh    # CIFAR-10 class captions, ~5 minutes per run on 2 CPU cores
+#   SET=flickr experiments/pair_normalization.sh     # Flickr8k-1000 with MiniLM, ~8 minutes per run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-cifar10}
-case "$DATA" in
+SET=${SET:-cifar10}
+case "$SET" in
   cifar10) run=(experiments/cifar10_captions.sh); base=cifar10-captions-norm ;;
   flickr) run=(experiments/flickr_minilm.sh --epochs 3); base=flickr-minilm-norm ;;
-  *) echo "DATA must be cifar10 or flickr, got $DATA" >&2; exit 2 ;;
+  *) echo "SET must be cifar10 or flickr, got $SET" >&2; exit 2 ;;
 esac
 set -x
 "${run[@]}" --name "$base" --no-progress "$@"       # halo (fixed statistics) and clip, in runs/$base/{halo,clip}
