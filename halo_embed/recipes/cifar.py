@@ -66,6 +66,7 @@ from .common import (
     load_training_state,
     print_reports,
     recipe_main,
+    refuse_to_overwrite,
     rng_state,
     save_training_state,
     seed_everything,
@@ -254,14 +255,9 @@ def _device(config: CifarConfig) -> torch.device:
 
 
 def check_run_folder(config: CifarConfig) -> None:
-    """A run never overwrites another: a folder with a checkpoint is only continued, with ``--resume``.
-
-    (A folder without one holds a run that stopped before its first epoch ended, which ``--resume latest``
-    with ``--seeds`` starts again.)
-    """
-    if config.resume is None and (config.run_dir() / "checkpoint.pt").exists():
-        raise FileExistsError(f"run folder {config.run_dir()} already holds a run: continue it with --resume latest, "
-                              "or choose another --name or --output")
+    """A run never overwrites another (see :func:`~halo_embed.recipes.common.refuse_to_overwrite`); a folder
+    without a checkpoint (stopped in its first epoch) is started again, as ``--resume latest --seeds`` does."""
+    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoint.pt"])
 
 
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:

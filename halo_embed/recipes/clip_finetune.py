@@ -58,7 +58,7 @@ from torch import nn
 
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..io import atomic_write_json, atomic_write_text
-from .common import print_reports, recipe_main, seed_everything, warmup_cosine
+from .common import print_reports, recipe_main, refuse_to_overwrite, seed_everything, warmup_cosine
 
 LOSSES = ("halo", "clip", "siglip")
 PRECISIONS = {"fp32": "no", "amp": "fp16", "fp16": "fp16", "amp_bf16": "bf16", "bf16": "bf16"}
@@ -220,15 +220,8 @@ def config_from_args(args: argparse.Namespace) -> list[FinetuneConfig]:
 
 
 def check_run_folder(config: FinetuneConfig) -> None:
-    """A run never overwrites another: a folder with a checkpoint or a report is only continued, with --resume.
-
-    (A folder without either holds a run that stopped before its first save; it starts again.)
-    """
-    run_dir = config.run_dir()
-    saved = [run_dir / "checkpoints" / "latest", run_dir / "checkpoint", run_dir / "report.md"]
-    if config.resume is None and any(path.exists() for path in saved):
-        raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
-                              "or choose another --name or --output")
+    """A run never overwrites another (see :func:`~halo_embed.recipes.common.refuse_to_overwrite`)."""
+    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", "checkpoint", "report.md"])
 
 
 def validate(config: FinetuneConfig) -> None:

@@ -6,7 +6,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +73,16 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file
         raise ValueError(f"{path} is damaged or not a halo-embed training checkpoint: {error}") from error
+
+
+def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> None:
+    """A run never overwrites another: a folder holding any of ``saved`` is only continued, with --resume.
+
+    (A folder without them holds a run that stopped before its first save; it may start again.)
+    """
+    if resume is None and any((Path(run_dir) / name).exists() for name in saved):
+        raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
+                              "or choose another --name or --output")
 
 
 def print_reports(configs, results, write_comparison) -> int:
