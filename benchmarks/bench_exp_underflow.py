@@ -41,7 +41,7 @@ def main() -> None:
     n, d, k = 4096, 128, 100
     data = LossSteps(n, d, k, scale=12.0)
     with torch.no_grad():
-        s = geometry.shifted_logits(data.x, data.w, data.loss_fn.effective_gamma)
+        s = geometry.shifted_logits(data.x, data.w, data.loss_fn.temperature)
         far = ((s.amax(1, keepdim=True) - s) > 87.0).float().mean().item()
 
     def floor(value: float):

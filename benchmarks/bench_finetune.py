@@ -19,7 +19,8 @@ import torch
 
 from _common import print_table, save
 
-from halo_embed.recipes.clip_finetune import FinetuneConfig, build_model, parameter_groups
+from halo_embed.clip import parameter_groups
+from halo_embed.recipes.clip_finetune import FinetuneConfig, build_model
 
 
 def make_batches(backbone, batch_size: int, count: int):

@@ -13,25 +13,26 @@ implemented here:
 - ``centroid_std=S``: centroids drawn from N(0, S^2) instead of N(0, 1)
 - ``unit_embeddings``: the last layer rescaled so that the first batch's embeddings have |x|^2/D = 1
 - ``embedding_bn``: a BatchNorm without affine parameters on the embedding (|x|^2/D = 1 in every batch)
-- ``emb_dims=E``: a wider embedding than the number of classes
+- ``embed_dim=E``: a wider embedding than the number of classes
 - ``centroid_lr=F``: the loss's gradient on the centroids times F (their learning rate times F, weight decay aside)
 - ``fixed_gamma``: the temperature is not learnt
 
 Usage (~1.5 minutes per run on 2 CPU cores; the CIFAR-10 copy extracted by experiments/cifar_recipe.sh):
 
     .venv/bin/python experiments/cifar_candidates.py --seeds 2
-    .venv/bin/python experiments/cifar_candidates.py --candidates reference init_gamma=2 "init_gamma=2 emb_dims=64"
+    .venv/bin/python experiments/cifar_candidates.py --candidates reference init_gamma=2 "init_gamma=2 embed_dim=64"
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import replace
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
+from halo_embed.eval import mean_std
 from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.data.arrays import AugmentedBatches
 from halo_embed.recipes.cifar import (
@@ -40,15 +41,14 @@ from halo_embed.recipes.cifar import (
     CifarConfig,
     build,
     evaluate,
-    headline,
     load_data,
     optimizer_and_schedule,
 )
-from halo_embed.recipes.common import seed_everything
+from halo_embed.recipes.cifar_report import headline
 
 DEFAULT_CANDIDATES = ["cce", "reference", "init_gamma=1", "init_gamma=2", "init_gamma=3", "init_gamma=5",
-                      "centroid_std=0.1", "unit_embeddings", "embedding_bn", "emb_dims=64", "centroid_lr=0.1",
-                      "fixed_gamma", "init_gamma=2 emb_dims=64"]
+                      "centroid_std=0.1", "unit_embeddings", "embedding_bn", "embed_dim=64", "centroid_lr=0.1",
+                      "fixed_gamma", "init_gamma=2 embed_dim=64"]
 
 
 class NormalisedEmbedding(nn.Module):
@@ -69,7 +69,7 @@ def parse(candidate: str) -> dict[str, str]:
 def build_candidate(config: CifarConfig, options: dict[str, str], data):
     """The recipe's model and loss with one candidate's changes."""
     config = replace(config, init_gamma=float(options["init_gamma"]) if "init_gamma" in options else None,
-                     emb_dims=int(options["emb_dims"]) if "emb_dims" in options else None)
+                     embed_dim=int(options["embed_dim"]) if "embed_dim" in options else None)
     model, criterion = build(config, len(data.classes))
     if config.loss == "cce":
         return config, model, criterion
@@ -77,7 +77,7 @@ def build_candidate(config: CifarConfig, options: dict[str, str], data):
         with torch.no_grad():
             model.centroids.mul_(float(options["centroid_std"]))
     if "embedding_bn" in options:
-        model.model = NormalisedEmbedding(model.model, model.emb_dims)
+        model.model = NormalisedEmbedding(model.model, model.embed_dim)
     if "unit_embeddings" in options:
         first, _ = next(iter(AugmentedBatches(data.train, 512, CIFAR_MEAN, CIFAR_STD, train=True,
                                               seed=config.seed).epoch(0)))
@@ -93,7 +93,7 @@ def build_candidate(config: CifarConfig, options: dict[str, str], data):
 def one_run(base: CifarConfig, candidate: str, seed: int, data) -> dict[str, float]:
     options = parse(candidate)
     config = replace(base, seed=seed, loss="cce" if candidate == "cce" else "halo")
-    seed_everything(seed)
+    set_seed(seed)
     config, model, criterion = build_candidate(config, options, data)
     batches = AugmentedBatches(data.train, config.batch_size, CIFAR_MEAN, CIFAR_STD, train=True, seed=seed)
     optimizer, scheduler = optimizer_and_schedule(config, model, criterion, len(batches))
@@ -138,8 +138,7 @@ def main() -> None:
         table[candidate] = {"per_seed": runs}
         cells = []
         for key in ("accuracy", "ece", "far_auroc", "near_auroc"):
-            values = [run[key] for run in runs]
-            mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            mean, std = mean_std([run[key] for run in runs])
             cells.append(f"{mean:.4f} ± {std:.4f}" if key == "ece" else f"{100 * mean:.2f} ± {100 * std:.2f}")
         print(f"| {candidate} | " + " | ".join(cells) + " |", flush=True)
         atomic_write_json(out, {"args": vars(args), "candidates": table})

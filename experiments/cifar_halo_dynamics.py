@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 from halo_embed import geometry
 from halo_embed.data.arrays import AugmentedBatches
@@ -47,7 +48,6 @@ from halo_embed.recipes.cifar import (
     optimizer_and_schedule,
     predict,
 )
-from halo_embed.recipes.common import seed_everything
 
 COLUMNS = ("step", "loss", "ce", "radial", "|g_ce|", "|g_rad|", "sink", "p_sink", "gamma", "x_ms", "c_ms",
            "r_sq", "c_sep_min", "c_sep", "spread", "q_true", "q_wrong", "acc")
@@ -57,7 +57,7 @@ def measure(embeddings: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     """The quantities above for one batch (the same geometry functions as the loss)."""
     n, d = embeddings.shape
     k = centroids.shape[0]
-    gamma = criterion.effective_gamma.detach()
+    gamma = criterion.temperature.detach()
     x = embeddings.detach().clone().requires_grad_(True)
     c = centroids.detach()
     shifted = geometry.shifted_logits(x, c, gamma)
@@ -87,7 +87,7 @@ def measure(embeddings: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
 
 def trace(config: CifarConfig, data, every: int) -> dict:
     """Train one configuration with the recipe's pieces, measuring every ``every`` steps."""
-    seed_everything(config.seed)
+    set_seed(config.seed)
     model, criterion = build(config, len(data.classes))
     batches = AugmentedBatches(data.train, config.batch_size, CIFAR_MEAN, CIFAR_STD, train=True, seed=config.seed)
     optimizer, scheduler = optimizer_and_schedule(config, model, criterion, len(batches))
@@ -127,13 +127,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-limit", type=int, default=10000)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--emb-dims", type=int, default=None)
+    parser.add_argument("--embed-dim", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--name", default="cifar10")
     args = parser.parse_args()
     base = CifarConfig(loss="halo", data_dir=args.data_dir, width=args.width, epochs=args.epochs,
-                       train_limit=args.train_limit, test_limit=2000, seed=args.seed, emb_dims=args.emb_dims,
+                       train_limit=args.train_limit, test_limit=2000, seed=args.seed, embed_dim=args.embed_dim,
                        near_ood=[], far_ood=[])
     data = load_data(base, with_ood=False)
     results = []

@@ -20,6 +20,7 @@ import argparse
 from dataclasses import replace
 
 import torch
+from accelerate.utils import set_seed
 
 from halo_embed.data.arrays import AugmentedBatches
 from halo_embed.io import atomic_write_json, unused_path
@@ -32,7 +33,6 @@ from halo_embed.recipes.cifar import (
     optimizer_and_schedule,
     predict,
 )
-from halo_embed.recipes.common import seed_everything
 
 
 def parameters(model, criterion) -> torch.Tensor:
@@ -47,7 +47,7 @@ def loss_of(config: CifarConfig, model, criterion, x, y) -> torch.Tensor:
 
 
 def twin_run(config: CifarConfig, data, eps: float, every: int) -> dict:
-    seed_everything(config.seed)
+    set_seed(config.seed)
     batches = AugmentedBatches(data.train, config.batch_size, CIFAR_MEAN, CIFAR_STD, train=True, seed=config.seed)
     twins = [build(config, len(data.classes)) for _ in range(2)]
     noise = torch.Generator().manual_seed(1234)

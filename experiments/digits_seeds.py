@@ -12,9 +12,9 @@ Usage (~20 s per seed and setting on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import replace
 
+from halo_embed.eval import mean_std
 from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes import digits
 
@@ -42,8 +42,7 @@ def main() -> None:
     for loss, gamma in settings:
         label = loss if loss == "cce" else f"halo (init_gamma {gamma or 'reference'})"
         runs = [one_run(replace(digits.DigitsConfig(), seed=seed, init_gamma=gamma), loss) for seed in range(args.seeds)]
-        table[label] = {key: (statistics.mean(r[key] for r in runs), statistics.stdev(r[key] for r in runs))
-                        for key in runs[0]}
+        table[label] = {key: mean_std([r[key] for r in runs]) for key in runs[0]}
         print(f"{label:28s} " + "  ".join(
             f"{key} {m:.4f} ± {s:.4f}" if key == "ece" else f"{key} {100 * m:.2f} ± {100 * s:.2f}"
             for key, (m, s) in table[label].items()), flush=True)

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from halo_embed import geometry  # noqa: E402
 from halo_embed.clip.checkpoint import load_checkpoint  # noqa: E402
 from halo_embed.clip.evaluate import HALOView, evaluate_alignment  # noqa: E402
-from halo_embed.recipes.clip_finetune import FinetuneConfig, eval_data_for  # noqa: E402
+from halo_embed.recipes.finetune_config import FinetuneConfig  # noqa: E402
+from halo_embed.recipes.finetune_data import eval_data_for  # noqa: E402
 
 
 class LiteralHALOView(HALOView):
@@ -38,7 +39,7 @@ class LiteralHALOView(HALOView):
 
     def pair_scores(self, images, texts):
         return geometry.shifted_logits_from_sq_distances(
-            images, (images - texts).pow(2).sum(-1, keepdim=True), float(self.model.gamma.detach())).squeeze(-1)
+            images, (images - texts).pow(2).sum(-1, keepdim=True), float(self.model.temperature.detach())).squeeze(-1)
 
 
 def caption_geometry(embeddings: dict, captions: list[str]) -> dict[str, float]:
@@ -77,7 +78,7 @@ def main() -> None:
             rows[name] = (pooled["auroc"], pooled["builtin_threshold_accuracy"])
         geometry_numbers = {**caption_geometry(result["embeddings"], data.texts),
                             **image_to_caption(result["embeddings"], data.text_groups)}
-        print(f"== {run}  (gamma {float(model.gamma.detach()):.3f}, abstain bias {float(model.abstain_bias):.3f})")
+        print(f"== {run}  (temperature {float(model.temperature.detach()):.3f}, abstain bias {float(model.abstain_bias):.3f})")
         print("caption geometry (mean-square distances |a - b|^2 / D):")
         for key, value in geometry_numbers.items():
             print(f"  {key:24s} {value:.4g}")

@@ -49,14 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torch import nn
 
-from halo_embed.clip import HALOCLIP, PrototypeClassifier, load_backbone
+from halo_embed.clip import HALOCLIP, PrototypeClassifier, load_backbone, parameter_groups
 from halo_embed.data.arrays import AugmentedBatches, ImageArray, load_ood
 from halo_embed.eval import best_threshold, expected_calibration_error, ood_metrics, threshold_accuracy
 from halo_embed.io import atomic_write_json, unused_path
-from halo_embed.recipes.clip_finetune import parameter_groups
-from halo_embed.recipes.common import seed_everything, warmup_cosine
+from halo_embed.recipes.common import warmup_cosine
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 TEMPLATE = "a photo of a {}."
@@ -259,6 +259,18 @@ def evaluate(model, loss: str, data: dict) -> dict:
 PRIMARY = {"halo": "not_abstain", "clip": "mcm"}
 
 
+def init_gamma(text: str) -> float | None:
+    if text == "reference":
+        return None  # PrototypeClassifier's default: the reference implementation's start
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}")
+    return value
+
+
 def print_table(results: dict) -> None:
     losses = list(results)
     rows = [("seen-class accuracy %", lambda r, l: 100 * r["seen_accuracy"]),
@@ -296,7 +308,8 @@ def main() -> None:
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--vit-layers", type=int, default=4)
     parser.add_argument("--vit-width", type=int, default=192)
-    parser.add_argument("--init-gamma", type=float, default=2.0, help="HALO's starting temperature")
+    parser.add_argument("--init-gamma", type=init_gamma, default=2.0,
+                        help="HALO's starting temperature, or 'reference' for the paper's (about 20 at D = 384)")
     parser.add_argument("--normalization", choices=("fixed", "running"), default="fixed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -304,7 +317,7 @@ def main() -> None:
         parser.error("--train-per-class + --test-per-class must fit in the 500 images of a class "
                      "(--test-per-class at most 50)")
 
-    seed_everything(args.seed)
+    set_seed(args.seed)
     out_dir = Path("runs/zeroshot")
     out = unused_path(out_dir / "tinyimagenet.json")  # chosen once; rewritten after every loss
     data = load_split(args)
@@ -314,14 +327,14 @@ def main() -> None:
     calibration = AugmentedBatches(data["train"], 128, MEAN, STD, train=True, seed=args.seed + 1)
     results = {}
     for loss in args.losses:
-        seed_everything(args.seed)
+        set_seed(args.seed)
         start = time.time()
         model = build(loss, config_path, data, args, calibration)
         curve = train(model, loss, data, args)
         results[loss] = {"loss_curve": curve, "eval": evaluate(model, loss, data),
                          "minutes": (time.time() - start) / 60}
         if loss == "halo":
-            results[loss]["final_gamma"] = float(model.loss.effective_gamma.detach().reshape(()))
+            results[loss]["final_temperature"] = float(model.loss.temperature.detach().reshape(()))
         atomic_write_json(out, {"args": vars(args), "results": results})
         print(f"  {loss}: {results[loss]['minutes']:.1f} minutes", flush=True)
     print_table(results)

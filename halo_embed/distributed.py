@@ -11,18 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_no_grad", "all_gather_with_grad", "is_distributed", "rank_and_world_size"]
+__all__ = ["all_gather_no_grad", "all_gather_with_grad", "is_distributed"]
 
 
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    if not is_distributed():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _row_counts(x: Tensor) -> list[int]:

@@ -5,7 +5,8 @@ the functions below (the FAISS search relies on the L2 identity documented in
 :func:`shifted_logits`), so a change to the math happens here and only here.
 
 Notation (as in the HALO reference): ``N`` embeddings ``x`` of dimension ``D``,
-``K`` prototypes (centroids) ``c``, temperature ``g = softplus(gamma)``. Every
+``K`` prototypes (centroids) ``c``, temperature ``g = softplus(gamma)`` (``gamma``: the learnt raw
+parameter of the losses; ``temperature`` everywhere else is ``g``). Every
 mean is over the embedding dimension, i.e. ``|v|^2 / D``.
 
 The logit of class ``j`` is the negative scaled squared distance
@@ -66,7 +67,7 @@ INIT_LOGIT_MARGIN = 20.0
 # --------------------------------------------------------------------------
 
 
-def target_radius_sq(emb_dims: int) -> float:
+def target_radius_sq(embed_dim: int) -> float:
     """Mean-square radius of the natural shell, ``1 - 2/D``.
 
     It is where the radial NLL :func:`radial_nll` has its minimum: a
@@ -74,12 +75,12 @@ def target_radius_sq(emb_dims: int) -> float:
     mean-square distance close to 1, with the ``-2/D`` from the chi
     distribution's mode.
     """
-    return 1.0 - 2.0 / float(emb_dims)
+    return 1.0 - 2.0 / float(embed_dim)
 
 
-def initial_gamma(emb_dims: int) -> float:
+def initial_gamma(embed_dim: int) -> float:
     """The effective temperature at initialisation, ``20 / (2 - (1 - 2/D))``."""
-    return INIT_LOGIT_MARGIN / (R_SQ_INIT - target_radius_sq(emb_dims))
+    return INIT_LOGIT_MARGIN / (R_SQ_INIT - target_radius_sq(embed_dim))
 
 
 def inverse_softplus(value: float) -> float:
@@ -89,7 +90,7 @@ def inverse_softplus(value: float) -> float:
     return math.log(math.expm1(value))
 
 
-def abstain_bias(emb_dims: int, num_classes: int, label_smoothing: float) -> float:
+def abstain_bias(embed_dim: int, num_classes: int, label_smoothing: float) -> float:
     """The fixed logit of the abstain class (in shifted terms).
 
     It is set so that an embedding on the natural shell of its prototype
@@ -99,7 +100,7 @@ def abstain_bias(emb_dims: int, num_classes: int, label_smoothing: float) -> flo
     the log ratio between the true-class and other-class target probabilities
     (from label smoothing, or 0.99 vs 0.01/K without it).
     """
-    gamma0 = initial_gamma(emb_dims)
+    gamma0 = initial_gamma(embed_dim)
     if label_smoothing > 0:
         max_prob = 1.0 - label_smoothing + label_smoothing / num_classes
         min_prob = label_smoothing / num_classes
@@ -107,7 +108,7 @@ def abstain_bias(emb_dims: int, num_classes: int, label_smoothing: float) -> flo
         max_prob = 0.99
         min_prob = 0.01 / num_classes
     margin_ce = math.log(max_prob / min_prob)
-    t_ideal = gamma0 * (1.0 - target_radius_sq(emb_dims))
+    t_ideal = gamma0 * (1.0 - target_radius_sq(embed_dim))
     return t_ideal - margin_ce
 
 
@@ -132,7 +133,7 @@ def pair_mean_square(x: Tensor, c: Tensor) -> Tensor:
     return (x - c).pow(2).mean(dim=-1)
 
 
-def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tensor:
+def shifted_logits(embeddings: Tensor, centroids: Tensor, temperature: Tensor) -> Tensor:
     """HALO's class logits with the per-row constant added back.
 
     ``shifted[i, j] = g * (2 <x_i, c_j> - |c_j|^2) / D
@@ -146,37 +147,37 @@ def shifted_logits(embeddings: Tensor, centroids: Tensor, gamma: Tensor) -> Tens
     Args:
         embeddings: ``(N, D)``.
         centroids: ``(K, D)``.
-        gamma: the effective temperature, a tensor broadcastable to ``(N, K)``
+        temperature: the effective temperature, a tensor broadcastable to ``(N, K)``
             (shape ``(1,)`` or ``()``).
 
     Returns:
         ``(N, K)`` logits.
     """
-    emb_dims = embeddings.shape[-1]
+    embed_dim = embeddings.shape[-1]
     centroid_sq = mean_square(centroids)
-    dot = (embeddings @ centroids.T) / emb_dims
-    return gamma * (2.0 * dot - centroid_sq.T)
+    dot = (embeddings @ centroids.T) / embed_dim
+    return temperature * (2.0 * dot - centroid_sq.T)
 
 
-def shifted_logits_addmm(embeddings: Tensor, centroids: Tensor, gamma: float, centroid_sq: Tensor) -> Tensor:
-    """:func:`shifted_logits` for a plain-float ``gamma``, in one ``addmm`` (the fused loss's form).
+def shifted_logits_addmm(embeddings: Tensor, centroids: Tensor, temperature: float, centroid_sq: Tensor) -> Tensor:
+    """:func:`shifted_logits` for a plain-float ``temperature``, in one ``addmm`` (the fused loss's form).
 
     Args:
         embeddings: ``(N, D)``.
         centroids: ``(K, D)``.
-        gamma: the effective temperature as a float (no autograd through it:
+        temperature: the effective temperature as a float (no autograd through it:
             the fused loss forms its gradient itself).
         centroid_sq: ``(K,)`` mean squares of the centroids, computed once per call of the loss.
 
     Returns:
         ``(N, K)`` logits ``g * (2 <x, c> - |c|^2) / D``.
     """
-    emb_dims = embeddings.shape[-1]
-    return torch.addmm(centroid_sq, embeddings, centroids.T, beta=-gamma, alpha=2.0 * gamma / emb_dims)
+    embed_dim = embeddings.shape[-1]
+    return torch.addmm(centroid_sq, embeddings, centroids.T, beta=-temperature, alpha=2.0 * temperature / embed_dim)
 
 
 def shifted_logits_from_sq_distances(
-    embeddings: Tensor, sq_distances: Tensor, gamma: Tensor | float
+    embeddings: Tensor, sq_distances: Tensor, temperature: Tensor | float
 ) -> Tensor:
     """The same shifted logits from squared L2 distances (sums, as FAISS ``IndexFlatL2`` returns).
 
@@ -185,16 +186,16 @@ def shifted_logits_from_sq_distances(
     Args:
         embeddings: ``(N, D)`` queries.
         sq_distances: ``(N, k)`` ``|x - c|^2`` (sum over dimensions).
-        gamma: effective temperature.
+        temperature: effective temperature.
 
     Returns:
         ``(N, k)``.
     """
-    emb_dims = embeddings.shape[-1]
-    return gamma * (mean_square(embeddings) - sq_distances / emb_dims)
+    embed_dim = embeddings.shape[-1]
+    return temperature * (mean_square(embeddings) - sq_distances / embed_dim)
 
 
-def unit_shell_logits(mean_sq_distances: Tensor, gamma: Tensor | float) -> Tensor:
+def unit_shell_logits(mean_sq_distances: Tensor, temperature: Tensor | float) -> Tensor:
     """The shifted logit a query on the unit shell (``|x|^2 / D = 1``) would have: ``g * (1 - |x - c|^2 / D)``.
 
     HALO's abstain bias is derived for embeddings of unit mean square (the
@@ -206,23 +207,23 @@ def unit_shell_logits(mean_sq_distances: Tensor, gamma: Tensor | float) -> Tenso
 
     Args:
         mean_sq_distances: ``|x - c|^2 / D``, any shape.
-        gamma: effective temperature.
+        temperature: effective temperature.
     """
-    return gamma * (1.0 - mean_sq_distances)
+    return temperature * (1.0 - mean_sq_distances)
 
 
-def true_logits(shifted: Tensor, embeddings: Tensor, gamma: Tensor) -> Tensor:
+def true_logits(shifted: Tensor, embeddings: Tensor, temperature: Tensor) -> Tensor:
     """Remove the shift: ``-g * |x - c|^2 / D``, clamped at 0 against rounding.
 
     Args:
         shifted: ``(N, K)`` from :func:`shifted_logits`.
         embeddings: ``(N, D)``, the same embeddings.
-        gamma: the effective temperature used for ``shifted``.
+        temperature: the effective temperature used for ``shifted``.
 
     Returns:
         ``(N, K)``, every entry ``<= 0``.
     """
-    return torch.clamp(shifted - gamma * mean_square(embeddings), max=0.0)
+    return torch.clamp(shifted - temperature * mean_square(embeddings), max=0.0)
 
 
 def with_abstain(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
@@ -246,12 +247,12 @@ def abstain_mask(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
 
 def mean_squared_distances(embeddings: Tensor, centroids: Tensor) -> Tensor:
     """``|x_i - c_j|^2 / D`` for every pair: ``(N, D), (K, D) -> (N, K)``, clamped at 0."""
-    emb_dims = embeddings.shape[-1]
-    dot = (embeddings @ centroids.T) / emb_dims
+    embed_dim = embeddings.shape[-1]
+    dot = (embeddings @ centroids.T) / embed_dim
     return (mean_square(embeddings) - 2.0 * dot + mean_square(centroids).T).clamp_min(0.0)
 
 
-def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
+def radial_nll(r_sq: Tensor, embed_dim: int) -> Tensor:
     """The radial ("soap bubble") negative log-likelihood of a mean-square distance.
 
     ``-( (1/2 - 1/D) * log(r_sq) - r_sq / 2 )``: the NLL of the radius of a
@@ -266,18 +267,18 @@ def radial_nll(r_sq: Tensor, emb_dims: int) -> Tensor:
 
     Args:
         r_sq: ``(N,)`` mean-square distances to the assigned prototype.
-        emb_dims: ``D``.
+        embed_dim: ``D``.
 
     Returns:
         ``(N,)``.
     """
-    volume_coeff = 0.5 - 1.0 / float(emb_dims)
+    volume_coeff = 0.5 - 1.0 / float(embed_dim)
     floor = torch.finfo(torch.float32).tiny
     # in place on log's output: autograd needs only log's input, and the fused loss calls this per block
     return torch.log(r_sq.clamp_min(floor)).mul_(-volume_coeff).add_(r_sq, alpha=0.5)
 
 
-def radial_nll_and_grad(r_sq: Tensor, emb_dims: int) -> tuple[Tensor, Tensor]:
+def radial_nll_and_grad(r_sq: Tensor, embed_dim: int) -> tuple[Tensor, Tensor]:
     """:func:`radial_nll` and ``d radial_nll / d r_sq`` together, for the fused loss (no autograd).
 
     The derivative is ``1/2 - (1/2 - 1/D) / r_sq``, and ``1/2`` at or below the
@@ -286,15 +287,15 @@ def radial_nll_and_grad(r_sq: Tensor, emb_dims: int) -> tuple[Tensor, Tensor]:
 
     Args:
         r_sq: ``(N,)`` mean-square distances to the assigned prototype.
-        emb_dims: ``D``.
+        embed_dim: ``D``.
 
     Returns:
         ``(nll, grad)``, both ``(N,)``.
     """
-    volume_coeff = 0.5 - 1.0 / float(emb_dims)
+    volume_coeff = 0.5 - 1.0 / float(embed_dim)
     floor = torch.finfo(torch.float32).tiny
     grad = r_sq.clamp_min(floor).reciprocal_().mul_(-volume_coeff).add_(0.5)
-    return radial_nll(r_sq, emb_dims), torch.where(r_sq > floor, grad, 0.5)
+    return radial_nll(r_sq, embed_dim), torch.where(r_sq > floor, grad, 0.5)
 
 
 # --------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from ._validation import check_float, check_tensor, raise_if_any
 
 __all__ = [
     "ABSTAIN",
-    "SCORE_FUNCTIONS",
-    "SOFTMAX_SCORE_FUNCTIONS",
+    "HALO_SCORE_DESCRIPTIONS",
+    "SOFTMAX_SCORE_DESCRIPTIONS",
     "HALOHead",
     "HALOPrediction",
     "halo_ood_scores",
@@ -35,7 +35,7 @@ __all__ = [
 ABSTAIN = -1
 
 #: OOD / rejection scores, every one larger for in-distribution inputs.
-SCORE_FUNCTIONS = {
+HALO_SCORE_DESCRIPTIONS = {
     "not_abstain": "1 - p(abstain): one minus the sink's probability in the K+1 softmax",
     "msp": "maximum class probability in the K+1 softmax (the sink's mass counts against it)",
     "neg_distance": "minus the mean-square distance |x - c|^2 / D to the nearest centroid",
@@ -44,7 +44,7 @@ SCORE_FUNCTIONS = {
 
 
 #: The usual scores of a cross-entropy (dot-product) classifier, for baselines.
-SOFTMAX_SCORE_FUNCTIONS = {
+SOFTMAX_SCORE_DESCRIPTIONS = {
     "msp": "maximum softmax probability (Hendrycks & Gimpel, 2017)",
     "max_logit": "largest logit (Hendrycks et al., 2022)",
     "energy": "logsumexp of the logits, the negative free energy (Liu et al., 2020)",
@@ -52,7 +52,7 @@ SOFTMAX_SCORE_FUNCTIONS = {
 
 
 def softmax_ood_scores(logits: Tensor) -> dict[str, Tensor]:
-    """:data:`SOFTMAX_SCORE_FUNCTIONS` of a standard classifier's ``(N, K)`` logits."""
+    """:data:`SOFTMAX_SCORE_DESCRIPTIONS` of a standard classifier's ``(N, K)`` logits."""
     logits = logits.float()
     return {
         "msp": torch.softmax(logits, dim=-1).max(dim=-1).values,
@@ -61,12 +61,12 @@ def softmax_ood_scores(logits: Tensor) -> dict[str, Tensor]:
     }
 
 
-def halo_ood_scores(probs: Tensor, true: Tensor, gamma: Tensor) -> dict[str, Tensor]:
-    """All :data:`SCORE_FUNCTIONS` from the ``(N, K+1)`` probabilities and ``(N, K)`` true logits."""
+def halo_ood_scores(probs: Tensor, true: Tensor, temperature: Tensor) -> dict[str, Tensor]:
+    """All :data:`HALO_SCORE_DESCRIPTIONS` from the ``(N, K+1)`` probabilities and ``(N, K)`` true logits."""
     return {
         "not_abstain": 1.0 - probs[:, -1],
         "msp": probs[:, :-1].max(dim=-1).values,
-        "neg_distance": true.max(dim=-1).values / gamma,
+        "neg_distance": true.max(dim=-1).values / temperature,
         "energy": torch.logsumexp(true, dim=-1),
     }
 
@@ -80,7 +80,7 @@ class HALOPrediction:
         labels: ``(N,)`` long, the predicted class label, or :data:`ABSTAIN`.
         abstained: ``(N,)`` bool, the sink has the largest probability.
         scores: name -> ``(N,)`` OOD score, larger = more in-distribution
-            (see :data:`SCORE_FUNCTIONS`).
+            (see :data:`HALO_SCORE_DESCRIPTIONS`).
         logits: ``(N, K+1)`` shifted logits (last column = abstain bias).
     """
 
@@ -96,26 +96,28 @@ class HALOHead(nn.Module):
 
     Args:
         centroids: ``(K, D)`` centroids, already centred as during training.
-        gamma: the *effective* temperature ``softplus(raw_gamma)`` (> 0).
+        temperature: the effective temperature (``HALOLoss.temperature`` =
+            ``softplus(HALOLoss.gamma)``, > 0).
         abstain_bias: the loss's abstain bias.
         class_labels: ``(K,)`` label of each centroid; default ``arange(K)``.
 
-    The state (centroids, gamma, abstain bias, labels) is held in buffers, so
+    The state (centroids, temperature, abstain bias, labels) is held in buffers, so
     ``state_dict()`` saves everything needed to score.
     """
 
     def __init__(
         self,
         centroids: Tensor,
-        gamma: float | Tensor,
+        temperature: float | Tensor,
         abstain_bias: float | Tensor,
         class_labels: Tensor | None = None,
     ) -> None:
         super().__init__()
         check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
-        gamma_value = check_float("gamma", float(gamma.detach()) if isinstance(gamma, Tensor) else gamma)
-        if gamma_value <= 0:
-            raise ValueError(f"gamma must be the effective (positive) temperature, got {gamma_value}")
+        value = check_float("temperature", float(temperature.detach()) if isinstance(temperature, Tensor)
+                            else temperature)
+        if value <= 0:
+            raise ValueError(f"temperature must be the effective (positive) temperature, got {value}")
         bias = check_float(
             "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
         )
@@ -126,7 +128,7 @@ class HALOHead(nn.Module):
         if class_labels.shape[0] != k:
             raise ValueError(f"class_labels must have shape ({k},), got {tuple(class_labels.shape)}")
         self.register_buffer("centroids", centroids.detach().float().clone())
-        self.register_buffer("gamma", torch.tensor([gamma_value], dtype=torch.float32))
+        self.register_buffer("temperature", torch.tensor([value], dtype=torch.float32))
         self.register_buffer("abstain_bias", torch.tensor(bias, dtype=torch.float32))
         self.register_buffer("class_labels", class_labels.detach().long().clone())
 
@@ -140,27 +142,27 @@ class HALOHead(nn.Module):
             raise TypeError(f"model must be a HALOModel, got {type(model).__name__}")
         if not isinstance(loss, HALOLoss):
             raise TypeError(f"loss must be a HALOLoss, got {type(loss).__name__}")
-        if (model.n_classes, model.emb_dims) != (loss.num_classes, loss.emb_dims):
+        if (model.num_classes, model.embed_dim) != (loss.num_classes, loss.embed_dim):
             raise ValueError(
-                f"model has (K, D) = ({model.n_classes}, {model.emb_dims}) but loss has "
-                f"({loss.num_classes}, {loss.emb_dims})"
+                f"model has (K, D) = ({model.num_classes}, {model.embed_dim}) but loss has "
+                f"({loss.num_classes}, {loss.embed_dim})"
             )
         with torch.no_grad():
-            return cls(model.centered_centroids(), loss.effective_gamma, loss.abstain_bias)
+            return cls(model.centered_centroids(), loss.temperature, loss.abstain_bias)
 
     @property
     def num_classes(self) -> int:
         return self.centroids.shape[0]
 
     @property
-    def emb_dims(self) -> int:
+    def embed_dim(self) -> int:
         return self.centroids.shape[1]
 
     def _check_embeddings(self, embeddings: Tensor) -> Tensor:
         check_tensor("embeddings", embeddings, ndim=2, floating=True, min_rows=1)
-        if embeddings.shape[1] != self.emb_dims:
+        if embeddings.shape[1] != self.embed_dim:
             raise ValueError(
-                f"embeddings has D={embeddings.shape[1]} dimensions, the head expects {self.emb_dims}"
+                f"embeddings has D={embeddings.shape[1]} dimensions, the head expects {self.embed_dim}"
             )
         raise_if_any([(~torch.isfinite(embeddings).all(), "embeddings contains NaN or inf values")])
         return embeddings.to(device=self.centroids.device, dtype=torch.float32)
@@ -168,7 +170,7 @@ class HALOHead(nn.Module):
     def _shifted(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         embeddings = self._check_embeddings(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return embeddings, geometry.shifted_logits(embeddings, self.centroids, self.gamma)
+            return embeddings, geometry.shifted_logits(embeddings, self.centroids, self.temperature)
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """``(N, D) -> (N, K+1)`` shifted logits, the last column is the abstain bias."""
@@ -190,9 +192,9 @@ class HALOHead(nn.Module):
         """
         embeddings, shifted = self._shifted(embeddings)
         logits = geometry.with_abstain(shifted, self.abstain_bias)
-        true = geometry.true_logits(shifted, embeddings, self.gamma)
+        true = geometry.true_logits(shifted, embeddings, self.temperature)
         probs = torch.softmax(logits, dim=-1)
         abstained = geometry.abstain_mask(shifted, self.abstain_bias)
         labels = torch.where(abstained, ABSTAIN, self.class_labels[shifted.argmax(dim=-1)])
-        scores = halo_ood_scores(probs, true, self.gamma)
+        scores = halo_ood_scores(probs, true, self.temperature)
         return HALOPrediction(probs=probs, labels=labels, abstained=abstained, scores=scores, logits=logits)

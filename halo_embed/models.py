@@ -20,7 +20,8 @@ class HALOModel(nn.Module):
 
     Args:
         model: any module mapping inputs to ``(N, D)`` embeddings.
-        n_classes: ``K``.
+        n_classes: ``K`` (the reference's argument names; the attributes are
+            :attr:`num_classes` and :attr:`embed_dim`).
         embedding_dim: ``D``.
 
     Raises:
@@ -32,9 +33,9 @@ class HALOModel(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.n_classes = check_int("n_classes", n_classes, minimum=1)
-        self.emb_dims = check_int("embedding_dim", embedding_dim, minimum=2)
-        self.centroids = nn.Parameter(torch.randn(self.n_classes, self.emb_dims, dtype=torch.float32))
+        self.num_classes = check_int("n_classes", n_classes, minimum=1)
+        self.embed_dim = check_int("embedding_dim", embedding_dim, minimum=2)
+        self.centroids = nn.Parameter(torch.randn(self.num_classes, self.embed_dim, dtype=torch.float32))
 
     def centered_centroids(self) -> Tensor:
         """``(K, D)`` centroids minus their mean over classes (gradient flows through the centring)."""
@@ -43,9 +44,9 @@ class HALOModel(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(embeddings (N, D), centred centroids (K, D))``."""
         embeddings = self.model(x)
-        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.emb_dims:
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
             raise ValueError(
-                f"the wrapped model must return (N, {self.emb_dims}) embeddings, got {shape}"
+                f"the wrapped model must return (N, {self.embed_dim}) embeddings, got {shape}"
             )
         return embeddings, self.centered_centroids()

@@ -105,16 +105,16 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = cifar.save_training_state
+    save = cifar.save_state_file
 
     def save_then_crash(path, state):
         save(path, state)
         raise Crash
 
-    monkeypatch.setattr(cifar, "save_training_state", save_then_crash)
+    monkeypatch.setattr(cifar, "save_state_file", save_then_crash)
     with pytest.raises(Crash):
         cifar.train(replace(config, name="split"), data)
-    monkeypatch.setattr(cifar, "save_training_state", save)
+    monkeypatch.setattr(cifar, "save_state_file", save)
     cifar.train(replace(config, name="split", resume="latest"), data)
     a = torch.load(tmp_path / "straight" / "halo" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "halo" / "checkpoint.pt", weights_only=False)
@@ -153,9 +153,9 @@ def test_init_gamma_option(tiny_cifar, tmp_path):
     with pytest.raises(ValueError, match="--init-gamma must be a positive temperature or 'reference', got -1.0"):
         cifar.validate(cifar.CifarConfig(init_gamma=-1.0))
     _, criterion = cifar.build(cifar.CifarConfig(loss="halo", width=4, init_gamma=2.5), 10)
-    assert criterion.effective_gamma.item() == pytest.approx(2.5)
+    assert criterion.temperature.item() == pytest.approx(2.5)
     _, reference = cifar.build(cifar.CifarConfig(loss="halo", width=4, init_gamma=None), 10)
-    assert reference.effective_gamma.item() == pytest.approx(50 / 3)
+    assert reference.temperature.item() == pytest.approx(50 / 3)
 
 
 def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):

@@ -101,7 +101,7 @@ def test_checkpoint_round_trip(tiny_backbone, tmp_path):
         torch.testing.assert_close(loaded.encode_image(pixels), model.eval().encode_image(pixels))
         torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens))
     assert loaded.abstain_bias == model.abstain_bias
-    torch.testing.assert_close(loaded.gamma, model.gamma)
+    torch.testing.assert_close(loaded.temperature, model.temperature)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folders left
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir() if p.is_file()}
     assert len(set(modes.values())) == 1, modes  # the weights are as readable as the config
@@ -184,14 +184,14 @@ def test_scorer_scores_ranks_and_agrees_with_geometry(tiny_backbone, tmp_path):
     images = shape_images(4, seed=9)
     scores = scorer.score(images, CAPTIONS[:4])
     img, txt = scorer.encode_images(images), scorer.encode_texts(CAPTIONS[:4])
-    expected_logit = model.gamma * (1 - (img - txt).pow(2).mean(1))  # the image on the unit shell
+    expected_logit = model.temperature * (1 - (img - txt).pow(2).mean(1))  # the image on the unit shell
     torch.testing.assert_close(scores.logit, expected_logit.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores.probability, torch.sigmoid(scores.logit - model.abstain_bias))
     assert torch.equal(scores.accept, scores.logit >= model.abstain_bias)
     ranking = scorer.rank(images, CAPTIONS, k=3)
     torch_ranking = scorer.rank(images, CAPTIONS, k=3, backend="torch")
     assert torch.equal(ranking.result.indices, torch_ranking.result.indices)
-    shifted = geometry.shifted_logits(img, scorer.encode_texts(CAPTIONS), model.gamma.detach())
+    shifted = geometry.shifted_logits(img, scorer.encode_texts(CAPTIONS), model.temperature.detach())
     assert torch.equal(ranking.result.indices[:, 0], shifted.argmax(1))
     # rank's abstain decision is score()'s decision for the best caption
     best = scorer.score(images, [CAPTIONS[i] for i in ranking.result.indices[:, 0].tolist()])
@@ -256,8 +256,8 @@ def test_prototype_frozen_text_computes_the_prompts_once_and_init_gamma(tiny_bac
         del model.backbone.encode_text
     assert not first.requires_grad
     # the classification loss starts at init_gamma, or else at the CLIP model's temperature
-    torch.testing.assert_close(cached.loss.effective_gamma.reshape(()), torch.tensor(2.0))
-    torch.testing.assert_close(every_call.loss.effective_gamma.reshape(()), model.gamma.reshape(()))
+    torch.testing.assert_close(cached.loss.temperature.reshape(()), torch.tensor(2.0))
+    torch.testing.assert_close(every_call.loss.temperature.reshape(()), model.temperature.reshape(()))
     with pytest.raises(TypeError, match="frozen_text must be a bool"):
         PrototypeClassifier(model, names, frozen_text="yes")
 

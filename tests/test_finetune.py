@@ -34,7 +34,7 @@ def test_halo_finetune_end_to_end(tmp_path, tiny_model_dirs):
     for name in ("report.md", "metrics.json", "log.jsonl", "checkpoint/model.safetensors", "val_pair_scores.png"):
         assert (run / name).exists(), name
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("gamma" in r and "lr" in r for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("temperature" in r and "lr" in r for r in log)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000004"]
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     val = metrics["eval"]["val"]
@@ -57,7 +57,7 @@ def test_running_normalization_checkpoint_scores_what_the_evaluation_measured(tm
     """Pairs scored through AlignmentScorer from the saved checkpoint get the logits the end-of-run evaluation
     computed for them (so the running statistics it used are the ones saved)."""
     from halo_embed.clip import AlignmentScorer
-    from halo_embed.recipes.clip_finetune import eval_data_for
+    from halo_embed.recipes.finetune_data import eval_data_for
 
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], normalization="running",
                          normalization_momentum=0.5)
@@ -120,6 +120,20 @@ def test_resume_replays_the_same_run(tmp_path, tiny_model_dirs):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert log == [3, 4]
+
+
+def test_accumulation_steps_once_per_group(tmp_path, tiny_model_dirs):
+    """--accum-freq 2: each optimizer and scheduler step consumes two micro-batches."""
+    config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], accum_freq=2, batch_size=8, max_steps=3,
+                         warmup=4, save_every=3, shapes_train_images=96)
+    train(config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    # warm-up of 4 steps: after step s the learning rate is lr * (s + 1) / 4 (a scheduler step per micro-batch
+    # would be 2 s + 1)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 3 / 4, 1e-3 * 4 / 4])
+    position = json.loads((tmp_path / "run" / "checkpoints" / "step-0000003" / "progress.json").read_text())
+    assert (position["step"], position["epoch"], position["batches_in_epoch"]) == (3, 0, 6)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -269,7 +283,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--normalization-momentum must be in (0, 1], got 0.0" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_model_dirs):
     """torchrun --nproc_per_node 2 (gloo, batch 8 each) == 1 process with batch 16: same weights after 2 steps."""
     import os

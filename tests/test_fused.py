@@ -173,7 +173,7 @@ def test_logits_far_below_the_maximum(distill, chunk_size):
     use_true = chunk_size is None   # the chunked path returns no true logits
     fast = grads(HALOLoss(8, 30, chunk_size=chunk_size, **kwargs), x, y, c, use_true)
     faithful = grads(HALOLoss(8, 30, implementation="faithful", **kwargs), x, y, c, use_true)
-    spread = shifted_logits(x, c, HALOLoss(8, 30).effective_gamma.detach())
+    spread = shifted_logits(x, c, HALOLoss(8, 30).temperature.detach())
     assert (spread.amax(1) - spread.amin(1)).min() > EXP_FLOOR      # the floor acts in every row
     assert (spread.amax(1, keepdim=True) - spread).div(0.1).gt(EXP_FLOOR).float().mean() > 0.5
     for a, b in zip(fast, faithful):

@@ -286,16 +286,16 @@ def test_initial_constants_by_hand():
     # D=10, K=10, ls=0.1: r_target = 0.8, gamma0 = 20/1.2, t_ideal = gamma0 * 0.2 = 10/3,
     # margin = log(0.91 / 0.01) = log 91.
     loss_fn = HALOLoss(10, 10)
-    assert math.isclose(loss_fn.effective_gamma.item(), 50 / 3, rel_tol=1e-6)
+    assert math.isclose(loss_fn.temperature.item(), 50 / 3, rel_tol=1e-6)
     assert math.isclose(loss_fn.abstain_bias, 10 / 3 - math.log(91), rel_tol=1e-12)
     # D=4, K=3, ls=0: r_target = 0.5, gamma0 = 40/3, t_ideal = 20/3, margin = log(0.99 / (0.01/3)) = log 297.
     loss_fn = HALOLoss(4, 3, label_smoothing=0.0)
-    assert math.isclose(loss_fn.effective_gamma.item(), 40 / 3, rel_tol=1e-6)
+    assert math.isclose(loss_fn.temperature.item(), 40 / 3, rel_tol=1e-6)
     assert math.isclose(loss_fn.abstain_bias, 20 / 3 - math.log(297), rel_tol=1e-12)
     # D=512, K=1000, ls=0.3: gamma0 = 20 / (1 + 2/512), margin = log((0.7 + 0.0003) / 0.0003).
     loss_fn = HALOLoss(512, 1000, label_smoothing=0.3)
     gamma0 = 20 / (1 + 2 / 512)
-    assert math.isclose(loss_fn.effective_gamma.item(), gamma0, rel_tol=1e-6)
+    assert math.isclose(loss_fn.temperature.item(), gamma0, rel_tol=1e-6)
     assert math.isclose(loss_fn.abstain_bias, gamma0 * 2 / 512 - math.log(0.7003 / 0.0003), rel_tol=1e-12)
 
 
@@ -303,7 +303,7 @@ def test_initial_constants_by_hand():
 def test_init_gamma_sets_only_the_starting_temperature(init_gamma):
     """The start is ``init_gamma`` (below and above softplus's identity range); the abstain bias stays the reference's."""
     loss_fn = HALOLoss(10, 10, init_gamma=init_gamma)
-    assert math.isclose(loss_fn.effective_gamma.item(), init_gamma, rel_tol=1e-6)
+    assert math.isclose(loss_fn.temperature.item(), init_gamma, rel_tol=1e-6)
     assert loss_fn.abstain_bias == HALOLoss(10, 10).abstain_bias
     assert loss_fn.init_gamma == init_gamma and HALOLoss(10, 10).init_gamma is None
 
@@ -340,7 +340,7 @@ def test_init_gamma_trains_and_resumes():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert math.isfinite(loss.item()) and loss_fn.effective_gamma.item() != pytest.approx(1.5)
+    assert math.isfinite(loss.item()) and loss_fn.temperature.item() != pytest.approx(1.5)
     restored = HALOLoss(4, 3)  # built with the default start, then loaded
     restored.load_state_dict(loss_fn.state_dict())
     assert torch.equal(restored.gamma, loss_fn.gamma)

@@ -9,7 +9,7 @@ def make_head(k=4, d=8, seed=0):
     cen = torch.randn(k, d, generator=g)
     cen = cen - cen.mean(0)
     loss = HALOLoss(d, k)
-    return HALOHead(cen, loss.effective_gamma, loss.abstain_bias), cen
+    return HALOHead(cen, loss.temperature, loss.abstain_bias), cen
 
 
 def test_probabilities_and_decisions():
@@ -33,14 +33,14 @@ def test_scores_against_direct_formulas():
     torch.testing.assert_close(out.scores["msp"], out.probs[:, :4].max(1).values)
     nearest_sq = (torch.cdist(x, cen) ** 2 / 8).min(1).values
     torch.testing.assert_close(out.scores["neg_distance"], -nearest_sq, rtol=1e-4, atol=1e-4)
-    true = -head.gamma * torch.cdist(x, cen) ** 2 / 8
+    true = -head.temperature * torch.cdist(x, cen) ** 2 / 8
     torch.testing.assert_close(out.scores["energy"], torch.logsumexp(true, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_logits_match_the_loss_geometry():
     head, cen = make_head()
     x = torch.randn(6, 8)
-    shifted = geometry.shifted_logits(x, cen, head.gamma)
+    shifted = geometry.shifted_logits(x, cen, head.temperature)
     torch.testing.assert_close(head.logits(x), geometry.with_abstain(shifted, head.abstain_bias.item()))
 
 
@@ -50,10 +50,10 @@ def test_from_trained_and_class_labels():
     loss = HALOLoss(8, 4)
     head = HALOHead.from_trained(model, loss)
     torch.testing.assert_close(head.centroids, model.centered_centroids().detach())
-    relabelled = HALOHead(head.centroids, head.gamma, head.abstain_bias, torch.tensor([5, 6, 7, 8]))
+    relabelled = HALOHead(head.centroids, head.temperature, head.abstain_bias, torch.tensor([5, 6, 7, 8]))
     out = relabelled(head.centroids)
     assert out.labels.tolist() == [5, 6, 7, 8]
-    assert set(head.state_dict()) == {"centroids", "gamma", "abstain_bias", "class_labels"}
+    assert set(head.state_dict()) == {"centroids", "temperature", "abstain_bias", "class_labels"}
     with pytest.raises(ValueError, match=r"model has \(K, D\) = \(4, 8\) but loss has \(3, 8\)"):
         HALOHead.from_trained(model, HALOLoss(8, 3))
     with pytest.raises(TypeError, match="model must be a HALOModel"):
@@ -66,5 +66,5 @@ def test_validation():
         head(torch.randn(2, 7))
     with pytest.raises(ValueError, match="NaN or inf"):
         head(torch.full((2, 8), float("inf")))
-    with pytest.raises(ValueError, match="gamma must be the effective"):
+    with pytest.raises(ValueError, match="temperature must be the effective"):
         HALOHead(torch.randn(3, 4), 0.0, 1.0)

@@ -48,7 +48,7 @@ def test_parts_and_bias():
     images, texts = features(dtype=torch.float32)
     loss_fn = PairedHALOLoss(8, num_candidates=10)
     loss, parts = loss_fn(images, texts, return_parts=True)
-    assert set(parts) == {"image_to_text", "text_to_image", "radial", "gamma"}
+    assert set(parts) == {"image_to_text", "text_to_image", "radial", "temperature"}
     torch.testing.assert_close(loss, 0.5 * (parts["image_to_text"] + parts["text_to_image"]) + parts["radial"])
     from halo_embed import geometry
     assert loss_fn.abstain_bias == geometry.abstain_bias(8, 10, 0.1)
@@ -67,7 +67,7 @@ def test_half_precision_and_autocast():
     "args,error,match",
     [
         ((torch.randn(4, 8), torch.randn(3, 8)), ValueError, r"same shape \(B, D\)"),
-        ((torch.randn(4, 6), torch.randn(4, 6)), ValueError, "D=6 dimensions but the loss was built with emb_dims=8"),
+        ((torch.randn(4, 6), torch.randn(4, 6)), ValueError, "D=6 dimensions but the loss was built with embed_dim=8"),
         ((torch.randn(4, 8), torch.randn(4, 8), torch.zeros(3, dtype=torch.long)), ValueError, r"image_ids must have one id per pair"),
         ((torch.randn(4, 8), torch.randn(4, 8), torch.zeros(4)), TypeError, "image_ids must be an integer tensor"),
         ((torch.full((4, 8), float("nan")), torch.randn(4, 8)), ValueError, "image_features contains NaN"),

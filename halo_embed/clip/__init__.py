@@ -1,5 +1,5 @@
 """Image-text HALO: CLIP backbones (open_clip, transformers), the feature adapter, HALOCLIP,
-prototype (zero-shot) classification, checkpoints and the alignment scorer.
+prototype (zero-shot) classification, checkpoints, the alignment scorer, and the contrastive baselines.
 
 open_clip / transformers are imported when a backbone is built.
 """
@@ -7,6 +7,7 @@ open_clip / transformers are imported when a backbone is built.
 from .adapter import FeatureAdapter
 from .backbones import CLIPBackbone, HFCLIPBackbone, OpenCLIPBackbone, load_backbone, rebuild_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
+from .contrastive import ContrastiveCLIP, parameter_groups
 from .model import HALOCLIP
 from .prototype import DEFAULT_TEMPLATES, PrototypeClassifier
 from .scorer import AlignmentScorer, PairScores, Ranking
@@ -14,6 +15,7 @@ from .scorer import AlignmentScorer, PairScores, Ranking
 __all__ = [
     "AlignmentScorer",
     "CLIPBackbone",
+    "ContrastiveCLIP",
     "DEFAULT_TEMPLATES",
     "FeatureAdapter",
     "HALOCLIP",
@@ -24,6 +26,7 @@ __all__ = [
     "Ranking",
     "load_backbone",
     "load_checkpoint",
+    "parameter_groups",
     "rebuild_backbone",
     "save_checkpoint",
 ]

@@ -11,6 +11,7 @@ transformers are imported only here, and only when a backbone is built.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -48,8 +49,12 @@ def move_tokens(tokens: Tokens, device: torch.device | str) -> Tokens:
     return tokens.to(device)
 
 
-class CLIPBackbone(nn.Module):
-    """The interface the HALO CLIP model, the recipes and the scorer rely on.
+class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
+    """The interface the HALO CLIP model, the recipes and the scorer rely on (an abstract base class).
+
+    ``context_length`` and ``_token_ids`` are optional: a backbone without
+    them cannot tell which texts its tower truncates (the scorer reports
+    ``None``).
 
     Attributes:
         family: ``"open_clip"`` or ``"transformers"``.
@@ -59,14 +64,17 @@ class CLIPBackbone(nn.Module):
     family: str = ""
     embed_dim: int = 0
 
+    @abc.abstractmethod
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """``(B, 3, H, W) -> (B, D)`` un-normalised image features."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_text(self, tokens: Tokens) -> Tensor:
         """Tokens from :meth:`tokenize` ``-> (B, D)`` un-normalised text features."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def tokenize(self, texts: list[str]) -> Tokens:
         raise NotImplementedError
 
@@ -88,24 +96,30 @@ class CLIPBackbone(nn.Module):
         short, long = self._token_ids(texts, length), self._token_ids(texts, length + 1)
         return (long[:, :length] != short).any(dim=1)
 
+    @abc.abstractmethod
     def image_transform(self, train: bool = False) -> Callable:
         """PIL image -> ``(3, H, W)`` tensor, with training augmentation when ``train``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def lock_image(self) -> None:
         """Freeze the image tower (LiT-style locking)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def lock_text(self) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def spec(self) -> dict[str, Any]:
         """JSON-able description from which :func:`rebuild_backbone` recreates the architecture."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def save_files(self, directory: Path) -> None:
         """Write the files the rebuild needs besides weights (configs, tokenizer)."""
 

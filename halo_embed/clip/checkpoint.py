@@ -76,7 +76,7 @@ def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[s
             "adapter": model.adapter_config(),
             "embed_dim": model.embed_dim,
             "abstain_bias": model.abstain_bias,
-            "gamma": float(model.gamma.detach()),
+            "temperature": float(model.temperature.detach()),
             "extra": to_jsonable(extra or {}),
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))

@@ -34,7 +34,7 @@ from .. import geometry
 from ..eval import best_threshold, ood_metrics, retrieval_recall, threshold_accuracy
 from .backbones import move_tokens
 
-__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "evaluate_alignment"]
+__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "evaluate_alignment", "view_of"]
 
 
 class HALOView:
@@ -53,7 +53,7 @@ class HALOView:
         return self.model.encode_text(tokens)
 
     def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
-        return geometry.unit_shell_logits(geometry.pair_mean_square(images, texts), float(self.model.gamma.detach()))
+        return geometry.unit_shell_logits(geometry.pair_mean_square(images, texts), float(self.model.temperature.detach()))
 
     def builtin_threshold(self) -> float | None:
         """Accept a pair when its score is at least this (the abstain bias)."""
@@ -83,6 +83,18 @@ class CosineView:
             return None  # CLIP has no decision rule: a threshold must be tuned
         # sigmoid(scale * cos + bias) >= 0.5  <=>  cos >= -bias / scale
         return float(-self.logit_bias.detach() / self.logit_scale.detach().exp())
+
+
+def view_of(model) -> HALOView | CosineView:
+    """The view of a :class:`~halo_embed.clip.HALOCLIP` or a :class:`~halo_embed.clip.ContrastiveCLIP`."""
+    from .contrastive import ContrastiveCLIP
+    from .model import HALOCLIP
+
+    if isinstance(model, HALOCLIP):
+        return HALOView(model)
+    if isinstance(model, ContrastiveCLIP):
+        return CosineView(model.backbone, model.logit_scale, model.logit_bias if model.loss_name == "siglip" else None)
+    raise TypeError(f"model must be a HALOCLIP or a ContrastiveCLIP, got {type(model).__name__}")
 
 
 @dataclass

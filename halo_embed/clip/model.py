@@ -2,7 +2,7 @@
 
 Keeping the loss (its learnable temperature) inside the model means DDP /
 Accelerate synchronise it like any other parameter, and one state dict holds
-everything the scorer needs: backbone weights, centring statistics, gamma and
+everything the scorer needs: backbone weights, centring statistics, temperature and
 the abstain bias.
 """
 
@@ -59,9 +59,9 @@ class HALOCLIP(nn.Module):
         return self.backbone.embed_dim
 
     @property
-    def gamma(self) -> Tensor:
-        """The effective temperature ``softplus(raw gamma)``."""
-        return self.loss.effective_gamma
+    def temperature(self) -> Tensor:
+        """The effective temperature ``softplus(loss.gamma)``."""
+        return self.loss.temperature
 
     @property
     def abstain_bias(self) -> float:

@@ -116,9 +116,9 @@ class PrototypeClassifier(nn.Module):
         return self.clip.encode_image(pixel_values), self.centroids()
 
     def head(self) -> HALOHead:
-        """The decision layer (centroids, gamma, abstain bias) for inference."""
+        """The decision layer (centroids, temperature, abstain bias) for inference."""
         with torch.no_grad():
-            return HALOHead(self.centroids(), self.loss.effective_gamma, self.loss.abstain_bias)
+            return HALOHead(self.centroids(), self.loss.temperature, self.loss.abstain_bias)
 
     @torch.no_grad()
     def predict(self, pixel_values: Tensor) -> HALOPrediction:

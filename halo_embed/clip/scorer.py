@@ -127,8 +127,8 @@ class AlignmentScorer:
         return cls(load_checkpoint(directory), device=device, batch_size=batch_size)
 
     @property
-    def gamma(self) -> float:
-        return float(self.model.gamma.detach())
+    def temperature(self) -> float:
+        return float(self.model.temperature.detach())
 
     @property
     def abstain_bias(self) -> float:
@@ -189,7 +189,7 @@ class AlignmentScorer:
             if bad.numel():
                 raise ValueError(f"{name} has NaN or inf values in row(s) {bad[:5].tolist()}"
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
-        logit = geometry.unit_shell_logits(geometry.pair_mean_square(image_embeddings, text_embeddings), self.gamma)
+        logit = geometry.unit_shell_logits(geometry.pair_mean_square(image_embeddings, text_embeddings), self.temperature)
         probability = torch.sigmoid(logit - self.abstain_bias)
         accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
         return PairScores(probability, accept, logit, self.abstain_bias)
@@ -221,14 +221,14 @@ class AlignmentScorer:
     def rank(self, images: Sequence[Any] | Tensor, candidate_texts: Sequence[str], k: int = 5,
              backend: str = "faiss") -> Ranking:
         """For each image, the top-``k`` captions among ``candidate_texts``, or abstention."""
-        index = RejectionIndex(self.encode_texts(candidate_texts), self.gamma, self.abstain_bias, backend=backend,
+        index = RejectionIndex(self.encode_texts(candidate_texts), self.temperature, self.abstain_bias, backend=backend,
                                query_norm="unit")
         return Ranking(index.search(self.encode_images(images), k), list(candidate_texts))
 
     def rank_images(self, texts: Sequence[str], candidate_images: Sequence[Any] | Tensor, k: int = 5,
                     backend: str = "faiss", candidate_names: Sequence[Any] | None = None) -> Ranking:
         """For each text, the top-``k`` images among ``candidate_images`` (images as centroids), or abstention."""
-        index = RejectionIndex(self.encode_images(candidate_images), self.gamma, self.abstain_bias, backend=backend,
+        index = RejectionIndex(self.encode_images(candidate_images), self.temperature, self.abstain_bias, backend=backend,
                                query_norm="unit")
         names = list(candidate_names) if candidate_names is not None else (
             [str(c) for c in candidate_images] if not isinstance(candidate_images, Tensor) else list(range(len(candidate_images)))

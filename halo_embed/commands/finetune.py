@@ -14,7 +14,7 @@ HELP = "fine-tune CLIP with HALO (or clip / siglip for comparison) using Acceler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..recipes.clip_finetune import add_arguments as add
+    from ..recipes.finetune_config import add_arguments as add
 
     add(parser)
 

@@ -60,7 +60,6 @@ class ImageFolderPairs:
             items = kept
         self.items = items
         self.captions = [template.format(name.replace("_", " ")) for name in self.classes]
-        self.num_images = len(items)
 
     def __len__(self) -> int:
         return len(self.items)

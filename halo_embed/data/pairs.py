@@ -67,7 +67,6 @@ class CSVPairs:
             image_path = Path(image.strip())
             full = image_path if image_path.is_absolute() else base / image_path
             self.pairs.append((str(full), caption.strip(), ids.setdefault(str(full), len(ids))))
-        self.num_images = len(ids)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -111,7 +110,6 @@ class HFPairs:
         for row, texts in enumerate(data[text_column]):  # reads the text column only, images stay lazy
             for text in texts if isinstance(texts, (list, tuple)) else [texts]:
                 self.pairs.append((row, str(text)))
-        self.num_images = len(data)
 
     def __len__(self) -> int:
         return len(self.pairs)

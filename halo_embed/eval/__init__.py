@@ -10,6 +10,7 @@ from .metrics import (
     best_threshold,
     expected_calibration_error,
     fpr_at_tpr,
+    mean_std,
     ood_metrics,
     threshold_accuracy,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "fpr_at_tpr",
     "import_faiss",
     "markdown_table",
+    "mean_std",
     "ood_metrics",
     "ood_table",
     "reliability_diagram",

@@ -228,3 +228,13 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> Cal
              "confidence": conf_b, "accuracy": acc_b}
         )
     return CalibrationResult(ece=float(ece), mce=float(mce), accuracy=float(correct.mean()), bins=bins)
+
+
+def mean_std(values: Any) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof = 1``) of runs over seeds; the std of one run is 0.
+
+    Raises:
+        ValueError: when ``values`` is empty or not finite.
+    """
+    array = _as_array("values", list(values) if not hasattr(values, "__len__") else values)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0

@@ -51,7 +51,7 @@ class RejectionIndex:
 
     Args:
         candidates: ``(K, D)`` embeddings that act as centroids.
-        gamma: the effective temperature ``softplus(raw_gamma)``.
+        temperature: the effective temperature (``HALOLoss.temperature``, ``softplus`` of its raw ``gamma``).
         abstain_bias: the abstain logit.
         query_norm: ``"actual"`` (default): the logits of HALO's ``K + 1``
             softmax, ``g (|x|^2 - |x - c|^2) / D``, so a query near the origin
@@ -66,16 +66,17 @@ class RejectionIndex:
     def __init__(
         self,
         candidates: Tensor,
-        gamma: float | Tensor,
+        temperature: float | Tensor,
         abstain_bias: float | Tensor,
         backend: str = "faiss",
         kind: str = "flat",
         query_norm: str = "actual",
         **options,
     ) -> None:
-        self.gamma = check_float("gamma", float(gamma.detach()) if isinstance(gamma, Tensor) else gamma)
-        if self.gamma <= 0:
-            raise ValueError(f"gamma must be the effective (positive) temperature, got {self.gamma}")
+        self.temperature = check_float(
+            "temperature", float(temperature.detach()) if isinstance(temperature, Tensor) else temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be the effective (positive) temperature, got {self.temperature}")
         self.abstain_bias = check_float(
             "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
         )
@@ -96,9 +97,9 @@ class RejectionIndex:
         found = self.index.search(queries, k)
         queries = queries.detach().float().cpu()
         if self.query_norm == "actual":
-            logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.gamma)
+            logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.temperature)
         else:
-            logits = geometry.unit_shell_logits(found.scores / queries.shape[1], self.gamma)
+            logits = geometry.unit_shell_logits(found.scores / queries.shape[1], self.temperature)
         probs = torch.softmax(geometry.with_abstain(logits, self.abstain_bias), dim=-1)
         abstained = geometry.abstain_mask(logits, self.abstain_bias)
         return RejectionResult(found.indices, logits, probs, abstained)

@@ -20,7 +20,7 @@ class HALOLossBase(nn.Module):
 
     def _setup(
         self,
-        emb_dims: int,
+        embed_dim: int,
         learn_gamma: bool,
         implementation: str,
         chunk_size: int | None,
@@ -35,14 +35,15 @@ class HALOLossBase(nn.Module):
             if init_gamma <= 0:
                 raise ValueError(f"init_gamma must be a positive temperature, got {init_gamma}")
         self.init_gamma = init_gamma
-        # the raw parameter is named `gamma`, as in the reference (state dicts load across)
-        start = geometry.initial_gamma(emb_dims) if init_gamma is None else init_gamma
-        gamma_start = geometry.inverse_softplus(start)
-        self.gamma = nn.Parameter(torch.tensor([gamma_start], dtype=torch.float32), requires_grad=learn_gamma)
+        # the raw parameter is named `gamma`, as in the reference (state dicts load across); the value the
+        # logits use is `temperature` = softplus(gamma)
+        start = geometry.initial_gamma(embed_dim) if init_gamma is None else init_gamma
+        self.gamma = nn.Parameter(torch.tensor([geometry.inverse_softplus(start)], dtype=torch.float32),
+                                  requires_grad=learn_gamma)
 
     @property
-    def effective_gamma(self) -> Tensor:
-        """``softplus(gamma)``, shape ``(1,)``, fp32."""
+    def temperature(self) -> Tensor:
+        """The effective temperature ``softplus(gamma)``, shape ``(1,)``, fp32."""
         return geometry.effective_gamma(self.gamma.float())
 
 

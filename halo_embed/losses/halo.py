@@ -89,7 +89,8 @@ class HALOLoss(HALOLossBase):
     centroid.
 
     Args:
-        emb_dims: ``D``, the embedding dimension (``>= 2``).
+        emb_dims: ``D``, the embedding dimension (``>= 2``; the reference's name, kept so the
+            class is a drop-in; the attribute is :attr:`embed_dim`).
         num_classes: ``K``, the number of centroids (``>= 1``).
         learn_gamma: learn the temperature (``softplus(gamma)``).
         distill: teacher-free soft targets (``True``) or label smoothing.
@@ -112,7 +113,7 @@ class HALOLoss(HALOLossBase):
 
     Attributes:
         gamma: raw temperature parameter, shape ``(1,)``; the effective value
-            is ``softplus(gamma)`` (see :attr:`effective_gamma`).
+            is ``softplus(gamma)`` (:attr:`temperature`).
         abstain_bias: the fixed abstain logit (a float, not learned).
 
     Raises:
@@ -135,7 +136,7 @@ class HALOLoss(HALOLossBase):
         init_gamma: float | None = None,
     ) -> None:
         super().__init__()
-        self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
+        self.embed_dim = check_int("emb_dims", emb_dims, minimum=2)
         self.num_classes = check_int("num_classes", num_classes, minimum=1)
         self.learn_gamma = check_bool("learn_gamma", learn_gamma)
         self.distill = check_bool("distill", distill)
@@ -143,17 +144,17 @@ class HALOLoss(HALOLossBase):
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size, init_gamma)
-        # Same attribute names as the reference, for code that reads them.
-        self.D = float(self.emb_dims)
+        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size, init_gamma)
+        # the reference's attribute names, for code written against it
+        self.D = float(self.embed_dim)
         self.K = float(self.num_classes)
         self.abstain_bias = geometry.abstain_bias(
-            self.emb_dims, self.num_classes, self.label_smoothing
+            self.embed_dim, self.num_classes, self.label_smoothing
         )
 
     def extra_repr(self) -> str:
         return (
-            f"emb_dims={self.emb_dims}, num_classes={self.num_classes}, "
+            f"emb_dims={self.embed_dim}, num_classes={self.num_classes}, "
             f"learn_gamma={self.learn_gamma}, distill={self.distill}, "
             f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
             f"implementation={self.implementation!r}, chunk_size={self.chunk_size}, "
@@ -165,9 +166,9 @@ class HALOLoss(HALOLossBase):
     ) -> Tensor:
         check_tensor("embeddings", embeddings, ndim=2, floating=True, min_rows=1)
         n, d = embeddings.shape
-        if d != self.emb_dims:
+        if d != self.embed_dim:
             raise ValueError(
-                f"embeddings has D={d} dimensions but the loss was built with emb_dims={self.emb_dims}"
+                f"embeddings has D={d} dimensions but the loss was built with emb_dims={self.embed_dim}"
             )
         check_tensor("target", target, ndim=1, integer=True)
         if target.shape[0] != n:
@@ -175,10 +176,10 @@ class HALOLoss(HALOLossBase):
                 f"target must have one label per embedding, shape ({n},), got {tuple(target.shape)}"
             )
         check_tensor("centroids", centroids, ndim=2, floating=True)
-        if tuple(centroids.shape) != (self.num_classes, self.emb_dims):
+        if tuple(centroids.shape) != (self.num_classes, self.embed_dim):
             raise ValueError(
                 "centroids must have shape (num_classes, emb_dims) = "
-                f"({self.num_classes}, {self.emb_dims}), got {tuple(centroids.shape)}"
+                f"({self.num_classes}, {self.embed_dim}), got {tuple(centroids.shape)}"
             )
         if centroid_targets is not None:
             check_tensor("centroid_targets", centroid_targets, ndim=1, integer=True)
@@ -245,6 +246,6 @@ class HALOLoss(HALOLossBase):
                     self.label_smoothing, self.distill, self.reduction,
                 )
                 r_sq = geometry.pair_mean_square(pos, cen[columns])
-                loss = loss_ce + reduce(geometry.radial_nll(r_sq, self.emb_dims), self.reduction)
+                loss = loss_ce + reduce(geometry.radial_nll(r_sq, self.embed_dim), self.reduction)
         raise_if_not_finite(loss.detach(), [("embeddings", pos), ("centroids", cen)])
         return loss, true

@@ -31,7 +31,7 @@ class PairedHALOLoss(HALOLossBase):
     """HALO for paired image-text embeddings, with the origin as the abstain candidate.
 
     Args:
-        emb_dims: ``D``.
+        embed_dim: ``D``.
         num_candidates: ``K`` in the abstain-bias formula: the number of
             captions each image competes with in training, i.e. the **global**
             batch size (per-process batch x processes). The bias is fixed at
@@ -72,7 +72,7 @@ class PairedHALOLoss(HALOLossBase):
 
     def __init__(
         self,
-        emb_dims: int,
+        embed_dim: int,
         num_candidates: int,
         symmetric: bool = True,
         learn_gamma: bool = True,
@@ -84,7 +84,7 @@ class PairedHALOLoss(HALOLossBase):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.emb_dims = check_int("emb_dims", emb_dims, minimum=2)
+        self.embed_dim = check_int("embed_dim", embed_dim, minimum=2)
         self.num_candidates = check_int("num_candidates", num_candidates, minimum=2)
         self.symmetric = check_bool("symmetric", symmetric)
         self.learn_gamma = check_bool("learn_gamma", learn_gamma)
@@ -92,14 +92,14 @@ class PairedHALOLoss(HALOLossBase):
         self.label_smoothing = check_float(
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
-        self._setup(self.emb_dims, self.learn_gamma, implementation, chunk_size)
+        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size)
         self.rejection_weight = check_float("rejection_weight", rejection_weight, minimum=0.0)
         self.norm_weight = check_float("norm_weight", norm_weight, minimum=0.0)
-        self.abstain_bias = geometry.abstain_bias(self.emb_dims, self.num_candidates, self.label_smoothing)
+        self.abstain_bias = geometry.abstain_bias(self.embed_dim, self.num_candidates, self.label_smoothing)
 
     def extra_repr(self) -> str:
         return (
-            f"emb_dims={self.emb_dims}, num_candidates={self.num_candidates}, symmetric={self.symmetric}, "
+            f"embed_dim={self.embed_dim}, num_candidates={self.num_candidates}, symmetric={self.symmetric}, "
             f"distill={self.distill}, label_smoothing={self.label_smoothing}, "
             f"rejection_weight={self.rejection_weight}, norm_weight={self.norm_weight}, "
             f"implementation={self.implementation!r}, chunk_size={self.chunk_size}, "
@@ -114,10 +114,10 @@ class PairedHALOLoss(HALOLossBase):
                 "image_features and text_features must have the same shape (B, D) (pair i is row i of "
                 f"each), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
             )
-        if image_features.shape[1] != self.emb_dims:
+        if image_features.shape[1] != self.embed_dim:
             raise ValueError(
                 f"features have D={image_features.shape[1]} dimensions but the loss was built with "
-                f"emb_dims={self.emb_dims}"
+                f"embed_dim={self.embed_dim}"
             )
         if image_ids is not None:
             check_tensor("image_ids", image_ids, ndim=1, integer=True)
@@ -149,7 +149,7 @@ class PairedHALOLoss(HALOLossBase):
                 the same id (several captions of one image) are positives for
                 each other, never negatives. ``None``: every pair is its own image.
             return_parts: also return ``{"image_to_text", "text_to_image",
-                "radial", "gamma"}`` (detached) for logging.
+                "radial", "temperature"}`` (detached) for logging.
 
         Returns:
             The scalar loss, or ``(loss, parts)``.
@@ -194,7 +194,7 @@ class PairedHALOLoss(HALOLossBase):
             text_to_image, reject_t2i = direction(texts, all_images) if self.symmetric else (None, None)
             ce = image_to_text if text_to_image is None else 0.5 * (image_to_text + text_to_image)
             r_sq = geometry.pair_mean_square(images, texts)
-            radial = geometry.radial_nll(r_sq, self.emb_dims).mean()
+            radial = geometry.radial_nll(r_sq, self.embed_dim).mean()
             loss = ce + radial
             extra: dict[str, Tensor] = {}
             if reject_i2t is not None:
@@ -202,14 +202,14 @@ class PairedHALOLoss(HALOLossBase):
                 loss = loss + self.rejection_weight * extra["rejection"]
             if self.norm_weight:
                 norms = torch.cat([geometry.mean_square(images), geometry.mean_square(texts)]).squeeze(-1)
-                extra["norm"] = geometry.radial_nll(norms, self.emb_dims).mean()
+                extra["norm"] = geometry.radial_nll(norms, self.embed_dim).mean()
                 loss = loss + self.norm_weight * extra["norm"]
         if not return_parts:
             return loss
         parts = {
             "image_to_text": image_to_text.detach(),
             "radial": radial.detach(),
-            "gamma": gamma.detach().reshape(()),
+            "temperature": gamma.detach().reshape(()),
             **{name: value.detach() for name, value in extra.items()},
         }
         if text_to_image is not None:

@@ -1,38 +1,27 @@
-"""Pieces every recipe uses: seeding, the learning-rate schedule, atomic training checkpoints."""
+"""Pieces every recipe uses: the learning-rate schedule, the report pointer and ``python -m`` entry points.
+
+Seeds come from accelerate (``accelerate.utils.set_seed``: python, numpy,
+torch and every accelerator); run folders, checkpoints and logs from
+:mod:`halo_embed.recipes.runs`.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-import random
-from pathlib import Path
-from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from ..io import atomic_path
-
-__all__ = [
-    "load_training_state",
-    "print_reports",
-    "recipe_main",
-    "rng_state",
-    "save_training_state",
-    "seed_everything",
-    "set_rng_state",
-    "warmup_cosine",
-]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+__all__ = ["print_reports", "recipe_main", "warmup_cosine"]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    """Linear warm-up to the base LR over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    transformers' ``get_cosine_schedule_with_warmup`` differs in one step: its
+    first step has learning rate 0 (a step wasted); this one reaches the base
+    rate at step ``warmup - 1``. Every measured table in README was made with
+    this schedule, so it stays.
+    """
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -41,48 +30,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """``torch.save`` through a temporary file: a crash leaves the previous checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
-
-
-def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file
-        raise ValueError(f"{path} is damaged or not a halo-embed training checkpoint: {error}") from error
-
-
-def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> None:
-    """A run never overwrites another: a folder holding any of ``saved`` is only continued, with --resume.
-
-    (A folder without them holds a run that stopped before its first save; it may start again.)
-    """
-    if resume is None and any((Path(run_dir) / name).exists() for name in saved):
-        raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
-                              "or choose another --name or --output")
 
 
 def print_reports(configs, results, write_comparison) -> int:

@@ -23,7 +23,7 @@ from ..eval import markdown_table, side_by_side, write_report
 
 def shapes_config(run_dir: Path, progress: bool):
     """The fine-tuning of part (b): the recipe's defaults on a smaller budget (~2.5 minutes on 2 cores)."""
-    from .clip_finetune import FinetuneConfig
+    from .finetune_config import FinetuneConfig
 
     return FinetuneConfig(
         train_data="shapes", shapes_train_images=1500, shapes_val_images=200, eval_images=200, batch_size=64,
@@ -57,7 +57,8 @@ def score_examples(checkpoint: Path, run_dir: Path, seed: int = 0) -> list[dict[
 
 
 def run(output: str | Path = "runs/demo", progress: bool = True) -> Path:
-    from .clip_finetune import headline, train
+    from .clip_finetune import train
+    from .finetune_report import headline
     from .digits import run as run_digits
 
     run_dir = Path(output)

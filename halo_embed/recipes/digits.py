@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import HALOHead, HALOLoss, HALOModel
-from ..inference import softmax_ood_scores
+from .classification import evaluate_classifier, predictions
 
 LOSSES = ("cce", "halo")
 #: Score function shown in the headline table for each loss.
@@ -93,10 +93,10 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
 class CCEClassifier(nn.Module):
     """Backbone + linear classifier: the cross-entropy baseline with the same embedding size."""
 
-    def __init__(self, backbone: nn.Module, emb_dims: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, embed_dim: int, num_classes: int) -> None:
         super().__init__()
         self.model = backbone
-        self.classifier = nn.Linear(emb_dims, num_classes)
+        self.classifier = nn.Linear(embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.model(x)
@@ -137,42 +137,16 @@ def train(loss_name: str, data: DigitsData, config: DigitsConfig, progress: bool
 @torch.no_grad()
 def predict(loss_name: str, model: nn.Module, criterion: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Embeddings, probabilities, closed-set predictions, abstentions and OOD scores for inputs ``x``."""
+    embeddings, second = model(x)
     if loss_name == "halo":
-        embeddings, _ = model(x)
-        out = HALOHead.from_trained(model, criterion)(embeddings)
-        return {
-            "embeddings": embeddings,
-            "probs": out.probs,  # K + 1 columns, the last is abstain
-            "pred": out.probs[:, :-1].argmax(1),
-            "abstained": out.abstained,
-            "scores": out.scores,
-        }
-    embeddings, logits = model(x)
-    return {
-        "embeddings": embeddings,
-        "probs": torch.softmax(logits, 1),
-        "pred": logits.argmax(1),
-        "abstained": torch.zeros(len(x), dtype=torch.bool),
-        "scores": softmax_ood_scores(logits),
-    }
+        return predictions(embeddings, HALOHead.from_trained(model, criterion))
+    return predictions(embeddings, logits=second)
 
 
 def evaluate(loss_name: str, model: nn.Module, criterion: nn.Module, data: DigitsData) -> dict[str, Any]:
-    from ..eval import accuracy, expected_calibration_error, ood_table
-
-    known = predict(loss_name, model, criterion, data.x_test)
-    unseen = {name: predict(loss_name, model, criterion, x) for name, x in data.ood.items()}
     near, far = list(data.ood)[:1], list(data.ood)[1:]
-    ood = ood_table(known["scores"], {name: out["scores"] for name, out in unseen.items()}, near=near, far=far)
-    calibration = expected_calibration_error(known["probs"], data.y_test)
-    metrics = {
-        "accuracy": accuracy(known["pred"], data.y_test),
-        "ece": calibration.ece,
-        "abstain_rate_known": known["abstained"].float().mean().item(),
-        **{f"abstain_rate[{name}]": out["abstained"].float().mean().item() for name, out in unseen.items()},
-        "ood": ood.metrics,
-    }
-    return {"metrics": metrics, "calibration": calibration, "ood": ood, "known": known, "unseen": unseen}
+    return evaluate_classifier(lambda x: predict(loss_name, model, criterion, x), data.x_test, data.y_test, data.ood,
+                               near=near, far=far)
 
 
 def headline(metrics: dict[str, Any], loss_name: str, data: DigitsData) -> dict[str, float]:

@@ -51,7 +51,6 @@ class CifarResNet18(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, out_dim)
-        self.feature_dim = channels
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled penultimate features ``(N, 8 * width)``."""

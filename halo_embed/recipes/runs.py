@@ -1,0 +1,177 @@
+"""Run folders: never overwritten, checkpoints written whole or not at all, logs that resume with the run.
+
+Both recipes follow the same rules:
+
+- a folder that holds a saved run is only continued (``--resume``), never
+  started again (:func:`refuse_to_overwrite`);
+- a checkpoint is written under a temporary name and renamed when complete,
+  so a crash leaves the previous one (:func:`save_state_file` for the CIFAR
+  recipe's single file, :func:`save_accelerate_state` for the fine-tuning
+  recipe's folder);
+- a resumed run restores the RNG state and its position in the data and
+  drops the log lines written after the checkpoint (:class:`JsonlLog`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..io import atomic_path, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "JsonlLog",
+    "RunPosition",
+    "load_state_file",
+    "refuse_to_overwrite",
+    "resolve_resume",
+    "rng_state",
+    "save_accelerate_state",
+    "save_state_file",
+    "set_rng_state",
+]
+
+
+def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> None:
+    """A run never overwrites another: a folder holding any of ``saved`` is only continued, with --resume.
+
+    (A folder without them holds a run that stopped before its first save; it may start again.)
+    """
+    if resume is None and any((Path(run_dir) / name).exists() for name in saved):
+        raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
+                              "or choose another --name or --output")
+
+
+# ---------------------------------------------------------------------------
+# One-file checkpoints (the CIFAR recipe)
+# ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state_file(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """``torch.save`` through a temporary file: a crash leaves the previous checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file
+        raise ValueError(f"{path} is damaged or not a halo-embed training checkpoint: {error}") from error
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint folders through Accelerate (the fine-tuning recipe)
+# ---------------------------------------------------------------------------
+
+
+class RunPosition:
+    """Where a run is: optimizer steps, epoch, batches into the epoch, broken images skipped so far.
+
+    Registered with ``accelerator.register_for_checkpointing`` so it is saved and restored with the model.
+    """
+
+    def __init__(self) -> None:
+        self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+
+
+def save_accelerate_state(accelerator, run_dir: Path, position: RunPosition, keep: int) -> Path:
+    """``accelerator.save_state`` into a staging folder, renamed to ``checkpoints/step-N`` when complete.
+
+    The ``keep`` newest are kept. (Accelerate's own rotation,
+    ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``,
+    writes straight into the final folder, so a crash there leaves a
+    half-written checkpoint that ``--resume latest`` would pick.)
+    """
+    target = run_dir / "checkpoints" / f"step-{position.step:07d}"
+    staging = run_dir / "checkpoints" / f".staging-step-{position.step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(staging / "progress.json", position.state_dict())
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)
+        atomic_write_text(run_dir / "checkpoints" / "latest", target.name + "\n")
+        for old in _checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    """The checkpoint folder of ``--resume`` (a folder, or ``latest`` of ``run_dir``)."""
+    if resume == "latest":
+        pointer = run_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
+        path = run_dir / "checkpoints" / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"--resume: {path} is not a training checkpoint (no progress.json)")
+    return path
+
+
+class JsonlLog:
+    """Append-only JSON lines (``enabled``: on the main process only).
+
+    A new run (``resume_at=None``) starts the file afresh; a resumed one drops
+    the entries written after its checkpoint, whose ``position_key`` (``step``
+    or ``epoch``) exceeds ``resume_at``, so the log reads as one run.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_at: int | None, position_key: str = "step") -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_at is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get(position_key, 0) <= resume_at]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif enabled and resume_at is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
