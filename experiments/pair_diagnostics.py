@@ -78,7 +78,10 @@ def main() -> None:
             rows[name] = (pooled["auroc"], pooled["builtin_threshold_accuracy"])
         geometry_numbers = {**caption_geometry(result["embeddings"], data.texts),
                             **image_to_caption(result["embeddings"], data.text_groups)}
-        print(f"== {run}  (temperature {float(model.temperature.detach()):.3f}, abstain bias {float(model.abstain_bias):.3f})")
+        g, bias = float(model.temperature.detach()), float(model.abstain_bias)
+        # the unit-shell rule accepts when g (1 - |x - t|^2 / D) >= bias, i.e. below this mean-square distance
+        print(f"== {run}  (temperature {g:.3f}, abstain bias {bias:.3f}: a pair is accepted when "
+              f"|x - t|^2/D <= {1 - bias / g:.3f})")
         print("caption geometry (mean-square distances |a - b|^2 / D):")
         for key, value in geometry_numbers.items():
             print(f"  {key:24s} {value:.4g}")

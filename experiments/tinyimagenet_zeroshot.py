@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
+from halo_embed import geometry
 from halo_embed.clip import HALOCLIP, PrototypeClassifier, load_backbone, parameter_groups
 from halo_embed.data.arrays import AugmentedBatches, ImageArray, load_ood
 from halo_embed.eval import best_threshold, expected_calibration_error, ood_metrics, threshold_accuracy
@@ -209,12 +210,18 @@ def outputs(model, loss: str, images: ImageArray, names: list[str] | None = None
     chunks: dict[str, list[torch.Tensor]] = {}
     if loss == "halo":
         head = (model if names is None else PrototypeClassifier(model.clip, names, [TEMPLATE], frozen_text=True)).head()
+        scale = float(model.loss.temperature.detach().reshape(())) / geometry.initial_gamma(model.loss.embed_dim)
     else:
         prototypes = None if names is None else model.prototypes_for(names)
     for pixels, _ in AugmentedBatches(images, 256, MEAN, STD).epoch(0):
         if loss == "halo":
             out = head(model.clip.encode_image(pixels))
             parts = {"probs": out.probs[:, :-1], "probs_with_sink": out.probs, "abstained": out.abstained,
+                     # how many nats the best class logit beats the sink's by (the sink wins below 0)
+                     "sink_margin": out.logits[:, :-1].amax(-1) - out.logits[:, -1],
+                     # the same with the sink's bias held in distance units: bias * g / g0 (g0 = the reference's
+                     # start, for which HALO_MATH.md sets the bias), a decision rule measured, not a default
+                     "sink_margin_scaled": out.logits[:, :-1].amax(-1) - out.logits[:, -1] * scale,
                      **{f"score:{k}": v for k, v in out.scores.items()}}
         else:
             cosines = model.cosines(pixels, prototypes)
@@ -251,8 +258,17 @@ def evaluate(model, loss: str, data: dict) -> dict:
             rejected_ood = ood["abstained"][1::2].float().mean()
             entry["builtin_decision_accuracy"] = float((accepted_id + rejected_ood) / 2)
             entry["builtin_reject_rate"] = float(ood["abstained"].float().mean())
+            accepted_id = (seen["sink_margin_scaled"][1::2] > 0).float().mean()
+            rejected_ood = (ood["sink_margin_scaled"][1::2] <= 0).float().mean()
+            entry["scaled_sink_decision_accuracy"] = float((accepted_id + rejected_ood) / 2)
         result["ood"][name] = entry
     result["builtin_abstain_rate_seen"] = float(seen["abstained"].float().mean()) if loss == "halo" else None
+    if loss == "halo":  # where the built-in decision stands: the sink's deficit, in nats, per set
+        margins = {"seen classes": seen["sink_margin"], **{n: o["sink_margin"] for n, o in ood_sets.items()}}
+        result["sink_margin"] = {name: {"median": float(m.median()), "p5": float(m.quantile(0.05)),
+                                        "min": float(m.min())} for name, m in margins.items()}
+        result["temperature"] = float(model.loss.temperature.detach().reshape(()))
+        result["abstain_bias"] = float(model.loss.abstain_bias)
     return result
 
 
@@ -271,6 +287,10 @@ def init_gamma(text: str) -> float | None:
     return value
 
 
+def percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def print_table(results: dict) -> None:
     losses = list(results)
     rows = [("seen-class accuracy %", lambda r, l: 100 * r["seen_accuracy"]),
@@ -282,6 +302,8 @@ def print_table(results: dict) -> None:
                  (f"{name}: FPR@95 (ID kept) %", lambda r, l, n=name: 100 * r["ood"][n]["scores"][PRIMARY[l]]["fpr95_id_kept"]),
                  (f"{name}: built-in decision, balanced accuracy %",
                   lambda r, l, n=name: 100 * r["ood"][n]["builtin_decision_accuracy"] if l == "halo" else None),
+                 (f"{name}: built-in decision with the sink held in distance units (bias x g / g0) %",
+                  lambda r, l, n=name: percent(r["ood"][n].get("scaled_sink_decision_accuracy"))),
                  (f"{name}: tuned threshold, balanced accuracy %",
                   lambda r, l, n=name: 100 * r["ood"][n]["scores"][PRIMARY[l]]["tuned_threshold_accuracy"])]
     print("\n| Tiny-ImageNet, 150 seen / 50 unseen | " + " | ".join(losses) + " |")

@@ -146,7 +146,10 @@ def _batch(args: argparse.Namespace) -> int:
         keep = [i for i, long in enumerate(too_long) if not (long and args.strict_text)]
         good, images, texts = [good[i] for i in keep], [images[i] for i in keep], [texts[i] for i in keep]
         if good:
-            for record, scored in zip(good, scorer.score(images, texts).to_records()):
+            # the captions were checked for length above: score the embeddings (each caption tokenized once more)
+            scores = scorer.score_embeddings(scorer.encode_images(images), scorer.encode_texts(texts))
+            scores.truncated = None if flags is None else flags[keep]
+            for record, scored in zip(good, scores.to_records()):
                 record.update(scored)
             scored_records += good
     good = scored_records
