@@ -269,6 +269,7 @@ def evaluate(model, loss: str, data: dict) -> dict:
                                         "min": float(m.min())} for name, m in margins.items()}
         result["temperature"] = float(model.loss.temperature.detach().reshape(()))
         result["abstain_bias"] = float(model.loss.abstain_bias)
+        result["can_abstain"] = model.head().can_abstain  # False: no input can make the sink win
     return result
 
 

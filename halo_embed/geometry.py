@@ -34,6 +34,7 @@ __all__ = [
     "R_SQ_INIT",
     "abstain_bias",
     "abstain_mask",
+    "abstention_possible",
     "effective_gamma",
     "initial_gamma",
     "inverse_softplus",
@@ -243,6 +244,45 @@ def abstain_mask(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
     column (ties go to the class, as ``argmax`` returns the first maximum).
     """
     return shifted.max(dim=-1).values < abstain_bias
+
+
+def abstention_possible(centroids: Tensor, temperature: float | Tensor, abstain_bias: float | Tensor,
+                        input_limit: float | None = None) -> bool:
+    """Whether any input can make the sink win against the ``(K, D)`` centroids.
+
+    The sink wins at ``x`` when every class logit ``g (2 x . c_k - |c_k|^2) / D``
+    is below ``abstain_bias``: ``K`` linear inequalities in ``x``, solved as a
+    linear programme (scipy's HiGHS) over inputs whose coordinates lie within
+    ``±input_limit`` (default: 10 times the centroids' root mean square; without
+    a limit, centroids that are centred only up to rounding would let absurdly
+    large inputs abstain). For mean-centred centroids, summing the inequalities
+    gives the closed form behind it: the sink can win only if
+    ``g m > -abstain_bias`` (``m``: the centroids' mean square), so with
+    unit-mean-square prototypes a temperature below ``-abstain_bias`` (e.g. 2.5
+    against HALO's bias of -7.1 for ``D = 384, K = 150``) leaves the built-in
+    decision accepting every input.
+    """
+    from scipy.optimize import linprog
+
+    from ._validation import check_float, check_tensor
+
+    check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
+    g = check_float("temperature", float(temperature.detach()) if isinstance(temperature, Tensor) else temperature)
+    bias = check_float("abstain_bias",
+                       float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias)
+    if g <= 0:
+        raise ValueError(f"temperature must be > 0, got {g}")
+    c = centroids.detach().double().cpu()
+    k, d = c.shape
+    limit = 10.0 * float(c.pow(2).mean().sqrt()) if input_limit is None else check_float("input_limit", input_limit)
+    if limit <= 0:
+        raise ValueError(f"input_limit must be > 0, got {limit}")
+    # maximise a slack t <= 1 with 2 c_k . x + t <= |c_k|^2 + D bias / g for every k; the sink can win iff t > 0
+    rhs = (c.pow(2).sum(1) + d * bias / g).numpy()
+    lhs = torch.cat([2.0 * c, torch.ones(k, 1, dtype=torch.float64)], dim=1).numpy()
+    result = linprog([0.0] * d + [-1.0], A_ub=lhs, b_ub=rhs, bounds=[(-limit, limit)] * d + [(None, 1.0)],
+                     method="highs")
+    return bool(result.status == 0 and -result.fun > 1e-9)
 
 
 def mean_squared_distances(embeddings: Tensor, centroids: Tensor) -> Tensor:

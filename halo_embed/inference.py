@@ -151,6 +151,12 @@ class HALOHead(nn.Module):
             return cls(model.centered_centroids(), loss.temperature, loss.abstain_bias)
 
     @property
+    def can_abstain(self) -> bool:
+        """False when no embedding can make the sink win (the temperature is too low for the abstain bias;
+        see :func:`~halo_embed.geometry.abstention_possible`)."""
+        return geometry.abstention_possible(self.centroids, self.temperature, self.abstain_bias)
+
+    @property
     def num_classes(self) -> int:
         return self.centroids.shape[0]
 

@@ -110,3 +110,32 @@ def test_radial_nll_and_grad_match_radial_nll_and_autograd():
         nll, grad = geometry.radial_nll_and_grad(r.detach(), d)
         assert torch.allclose(nll, value.detach(), rtol=1e-12, atol=0)
         assert torch.allclose(grad, expected, rtol=1e-12, atol=0)
+
+
+def test_abstention_possible_bound():
+    """Below g * mean_square(c) = -bias no input abstains; above it the origin does."""
+    from halo_embed.inference import HALOHead
+
+    torch.manual_seed(0)
+    c = torch.randn(150, 384)
+    c = c - c.mean(0)
+    c = c / c.pow(2).mean().sqrt()  # centred, unit mean square
+    bias = geometry.abstain_bias(384, 150, 0.1)  # -7.1
+    low, high = HALOHead(c, 2.5, bias), HALOHead(c, 20.0, bias)
+    assert not low.can_abstain and high.can_abstain
+    # probes where the sink has its best chances: the origin, tiny and huge inputs, away from every centroid
+    probes = torch.cat([torch.zeros(1, 384), 1e-3 * torch.randn(64, 384), -c[:32] * 50, torch.randn(64, 384) * 30])
+    assert not low(probes).abstained.any()
+    assert high(torch.zeros(1, 384)).abstained.all()
+    # the bound's edge: temperature * mean square against -bias
+    m = float(c.double().pow(2).mean())
+    assert geometry.abstention_possible(c, -bias / m + 1e-3, bias)
+    assert not geometry.abstention_possible(c, -bias / m - 1e-3, bias)
+    # centroids off-centre: an input far on the side away from all of them abstains even at a low temperature
+    shifted = c + 3.0
+    assert geometry.abstention_possible(shifted, 2.5, bias)
+    assert HALOHead(shifted, 2.5, bias)(-100 * torch.ones(1, 384)).abstained.all()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        geometry.abstention_possible(c, 0.0, bias)
+    with pytest.raises(ValueError, match="centroids must have 2 dimension"):
+        geometry.abstention_possible(c[0], 2.5, bias)
