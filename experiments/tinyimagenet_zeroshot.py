@@ -21,14 +21,15 @@ the 50 unseen classes from their names alone (prototypes of the 50 names only), 
 unseen-class images offered only the seen prototypes (near-OOD) and SVHN / MNIST (far-OOD), as AUROC and
 FPR@95 of each score, and the balanced accuracy of an accept/reject decision on the report half of each
 set: HALO's built-in one (abstain when the sink wins, nothing tuned) and, for both losses, the best
-threshold tuned on the other half. CLIP's score is MCM (maximum softmax over cosine / tau, tau = 1 as in
+threshold tuned on the other half; for HALO also the decision with the sink's bias held in distance units
+(``bias * g / g0``), the sink's deficit in nats per set, and whether any input can abstain at all
+(``HALOHead.can_abstain``). CLIP's score is MCM (maximum softmax over cosine / tau, tau = 1 as in
 Ming et al., 2022) and its own softmax (tau = 1 / the learnt logit scale).
 
-Usage (with the defaults about 15 minutes per loss on 2 CPU cores, extrapolated from
-``--train-per-class 20 --test-per-class 10 --epochs 2``: 0.7 minutes per loss including evaluation):
+Usage (with the defaults about 15 minutes per loss on an idle 2-core CPU machine, measured 2026-11-30):
 
     .venv/bin/python experiments/tinyimagenet_zeroshot.py
-    .venv/bin/python experiments/tinyimagenet_zeroshot.py --losses halo --normalization running
+    .venv/bin/python experiments/tinyimagenet_zeroshot.py --losses halo --init-gamma reference
 
 Prints a table and writes runs/zeroshot/tinyimagenet.json (``-2``, ``-3``, ... when taken).
 """
