@@ -1,0 +1,97 @@
+"""The losses and the search on every device present: the CPU always, CUDA where it exists (marker ``cuda``).
+
+The CUDA cases are skipped without a GPU; their CPU twins run the same code
+everywhere, so the checks themselves are exercised by ``make test``.
+"""
+
+import pytest
+import torch
+
+from halo_embed import HALOLoss
+from halo_embed.losses import PairedHALOLoss
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale or 1.0)
+
+
+def classification_batch(device, n=64, d=16, k=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 1.3
+    c = torch.randn(k, d, generator=g)
+    return x.to(device), c.to(device), torch.randint(0, k, (n,), generator=g).to(device)
+
+
+def loss_and_grads(loss_fn, x, y, c, dtype=None):
+    """Loss, d/dx, d/dc and d/dgamma; with ``dtype``, the inputs are cast to it inside bf16/fp16 autocast."""
+    x = x.clone().requires_grad_(True)
+    c = c.clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss, _ = loss_fn(x if dtype is None else x.to(dtype), y, c if dtype is None else c.to(dtype))
+    loss.backward()
+    return [loss, x.grad, c.grad, loss_fn.gamma.grad]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("implementation,chunk_size", [("fused", None), ("fused", 16)])
+def test_fused_and_chunked_match_faithful_on_device(device, implementation, chunk_size):
+    x, c, y = classification_batch(device)
+    ours = loss_and_grads(HALOLoss(16, 11, implementation=implementation, chunk_size=chunk_size).to(device), x, y, c)
+    # the oracle: the faithful loss in float64 on the CPU
+    oracle = loss_and_grads(HALOLoss(16, 11, implementation="faithful").double(),
+                            x.double().cpu(), y.cpu(), c.double().cpu())
+    for a, b in zip(ours, oracle):
+        assert a.device.type == device
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_computes_in_fp32_on_device(device):
+    """bf16 inputs under autocast: the loss upcasts, so it equals fp32 on the bf16-rounded inputs."""
+    x, c, y = classification_batch(device)
+    x, c = x.bfloat16().float(), c.bfloat16().float()  # the values bf16 can hold
+    autocast = loss_and_grads(HALOLoss(16, 11).to(device), x, y, c, dtype=torch.bfloat16)
+    plain = loss_and_grads(HALOLoss(16, 11).to(device), x, y, c)
+    assert autocast[0].dtype == torch.float32
+    assert rel_err(autocast[0], plain[0]) <= 1e-5  # the loss itself: fp32 arithmetic
+    for a, b in zip(autocast[1:], plain[1:]):  # gradients come back through the bf16 casts: bf16 resolution
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) <= 2 ** -7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_paired_loss_on_device_matches_cpu_float64(device, chunk_size):
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(10, 8, generator=g)
+    texts = images + 0.7 * torch.randn(10, 8, generator=g)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6])
+    results = []
+    for dev, dtype, chunk in ((device, torch.float32, chunk_size), ("cpu", torch.float64, None)):
+        img = images.to(dev, dtype).clone().requires_grad_(True)
+        txt = texts.to(dev, dtype).clone().requires_grad_(True)
+        loss_fn = PairedHALOLoss(8, num_candidates=10, chunk_size=chunk).to(dev, dtype)
+        loss = loss_fn(img, txt, ids.to(dev))
+        loss.backward()
+        results.append([loss, img.grad, txt.grad, loss_fn.gamma.grad])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_gpu_faiss_finds_the_cpu_neighbours():
+    from halo_embed.eval.retrieval import VectorIndex, faiss_has_gpu, import_faiss
+
+    if not faiss_has_gpu(import_faiss()):
+        pytest.skip("the installed faiss has no GPU support")
+    g = torch.Generator().manual_seed(0)
+    base, queries = torch.randn(2000, 64, generator=g), torch.randn(50, 64, generator=g)
+    for metric in ("l2", "cosine"):
+        gpu = VectorIndex(base, metric, "faiss", use_gpu=True)
+        cpu = VectorIndex(base, metric, "faiss", use_gpu=False)
+        assert gpu.on_gpu and not cpu.on_gpu
+        assert torch.equal(gpu.search(queries, 10).indices, cpu.search(queries, 10).indices)
