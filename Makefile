@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.halo-embed-installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench device-check install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python benchmarks/device_check.py --dry-run
+
+# on a GPU machine: the cuda tests and the GPU benchmarks in one run (DRY_RUN=1: tiny sizes on the CPU)
+device-check: $(STAMP)
+	$(BIN)/python benchmarks/device_check.py $(if $(DRY_RUN),--dry-run,)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --run-slow
