@@ -13,7 +13,9 @@ What it runs, each part on its own so one failure does not stop the rest:
    (65,536, 512, 32,000);
 4. PairedHALOLoss (tiled) against open_clip's ``ClipLoss`` at B = 32,768, D = 512;
 5. HALOLoss(chunk_size=...) against torch's chunked ``F.linear_cross_entropy`` at
-   (4096, 256, 262,144).
+   (4096, 256, 262,144);
+6. scoring throughput: ``AlignmentScorer.score`` against open_clip's own
+   ``encode_image`` / ``encode_text`` + cosine on the same model and pairs.
 
 Times are medians of interleaved repeats (CUDA synchronised); memory is the
 CUDA allocator's peak for one step. Writes ``benchmarks/results/device-check.json``
@@ -128,6 +130,38 @@ def chunked(device: torch.device, n: int, d: int, k: int, chunk: int, repeats: i
     return timed_pair(device, {"torch linear_cross_entropy": torch_chunked, "halo chunked": halo_chunked}, repeats)
 
 
+def scoring(device: torch.device, pairs: int, batch: int, repeats: int) -> dict[str, Any]:
+    """Pairs per second: AlignmentScorer.score against open_clip's encode_image / encode_text + cosine,
+    both from preprocessed pixels and raw captions, on the same model (the built-in ``halo-tiny-vit``)."""
+    from halo_embed.clip import HALOCLIP, AlignmentScorer, load_backbone
+
+    torch.manual_seed(0)
+    model = HALOCLIP(load_backbone("open_clip", "halo-tiny-vit"), num_candidates=batch)
+    size = model.backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pixels = torch.randn(pairs, 3, size, size)
+    captions = [f"a photo of a {word} number {i}" for i, word in zip(range(pairs), ["cat", "dog", "car"] * pairs)]
+    model.calibrate([(pixels[:batch], model.tokenize(captions[:batch]))])
+    scorer = AlignmentScorer(model, device=device, batch_size=batch)
+    inner = model.backbone.model
+
+    @torch.no_grad()
+    def open_clip_cosine() -> None:
+        for start in range(0, pairs, batch):
+            images = F.normalize(inner.encode_image(pixels[start : start + batch].to(device)), dim=-1)
+            tokens = model.backbone.tokenize(captions[start : start + batch]).to(device)
+            texts = F.normalize(inner.encode_text(tokens), dim=-1)
+            (images * texts).sum(-1).cpu()
+
+    def halo_scorer() -> None:
+        scorer.score(pixels, captions)
+
+    result = timed_pair(device, {"open_clip encode + cosine": open_clip_cosine, "AlignmentScorer.score": halo_scorer},
+                        repeats)
+    result["pairs_per_s"] = {name: pairs / s for name, s in result["seconds"].items()}
+    return result
+
+
 def device_tests() -> dict[str, Any]:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py", "-rs"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -191,6 +225,8 @@ def main() -> int:
     n, d, k, rows = CHUNKED_SIZE[pick]
     run_part(results, f"chunked HALO vs torch linear_cross_entropy, N,D,K={n},{d},{k}",
              lambda: chunked(device, n, d, k, rows, repeats))
+    pairs, batch = (256, 64) if dry else (8192, 512)
+    run_part(results, f"scoring throughput, {pairs} pairs, batch {batch}", lambda: scoring(device, pairs, batch, repeats))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = unused_path(RESULTS_DIR / "device-check.json")
     atomic_write_json(out, {"dry_run": dry, "results": results})
