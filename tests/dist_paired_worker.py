@@ -1,6 +1,7 @@
 """Worker for the 2-process test of PairedHALOLoss (gloo on CPU), started by torch.multiprocessing."""
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,15 @@ def global_batch(n=8):
     return torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g), ids
 
 
+def leave() -> None:
+    """End a finished rank without the interpreter's shutdown: with torch 2.14's gloo, a spawned rank
+    sometimes aborts there ("terminate called without an active exception", SIGABRT) after its work and
+    its result file are complete. Reached only on success; a failing rank raises before it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None):
     from halo_embed.losses import PairedHALOLoss
 
@@ -46,8 +56,11 @@ def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         torch.save({"loss": loss.detach(), "grads": grads, "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp  # DDP's reducer must be gone, and both ranks done, before the group is torn down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def uneven_gather_worker(rank, world_size, init_file, out_dir):
@@ -62,8 +75,10 @@ def uneven_gather_worker(rank, world_size, init_file, out_dir):
         (weights * gathered).sum().mul(rank + 1).backward()  # each rank's loss differs
         torch.save({"gathered": gathered.detach(), "offset": offset, "grad": rows.grad,
                     "no_grad": all_gather_no_grad(rows.detach())}, os.path.join(out_dir, f"uneven{rank}.pt"))
+        dist.barrier()  # both ranks done before the group is torn down
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def uneven_rows():
