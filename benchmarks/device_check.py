@@ -140,7 +140,7 @@ def scoring(device: torch.device, pairs: int, batch: int, repeats: int) -> dict[
     size = model.backbone.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     pixels = torch.randn(pairs, 3, size, size)
-    captions = [f"a photo of a {word} number {i}" for i, word in zip(range(pairs), ["cat", "dog", "car"] * pairs)]
+    captions = [f"a photo of a {('cat', 'dog', 'car')[i % 3]} number {i}" for i in range(pairs)]
     model.calibrate([(pixels[:batch], model.tokenize(captions[:batch]))])
     scorer = AlignmentScorer(model, device=device, batch_size=batch)
     inner = model.backbone.model

@@ -58,6 +58,7 @@ from halo_embed.clip import HALOCLIP, PrototypeClassifier, load_backbone, parame
 from halo_embed.data.arrays import AugmentedBatches, ImageArray, load_ood
 from halo_embed.eval import best_threshold, expected_calibration_error, ood_metrics, threshold_accuracy
 from halo_embed.io import atomic_write_json, unused_path
+from halo_embed.recipes.cifar_config import parse_init_gamma
 from halo_embed.recipes.common import warmup_cosine
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
@@ -277,18 +278,6 @@ def evaluate(model, loss: str, data: dict) -> dict:
 PRIMARY = {"halo": "not_abstain", "clip": "mcm"}
 
 
-def init_gamma(text: str) -> float | None:
-    if text == "reference":
-        return None  # PrototypeClassifier's default: the reference implementation's start
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}")
-    return value
-
-
 def percent(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
@@ -332,7 +321,7 @@ def main() -> None:
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--vit-layers", type=int, default=4)
     parser.add_argument("--vit-width", type=int, default=192)
-    parser.add_argument("--init-gamma", type=init_gamma, default=2.0,
+    parser.add_argument("--init-gamma", type=parse_init_gamma, default=2.0,
                         help="HALO's starting temperature, or 'reference' for the paper's (about 20 at D = 384)")
     parser.add_argument("--normalization", choices=("fixed", "running"), default="fixed")
     parser.add_argument("--seed", type=int, default=0)

@@ -49,7 +49,12 @@ def check_float(
     maximum: float | None = None,
     include_maximum: bool = True,
 ) -> float:
-    """Return ``value`` as a finite ``float`` inside ``[minimum, maximum]`` (or ``[minimum, maximum)``)."""
+    """Return ``value`` as a finite ``float`` inside ``[minimum, maximum]`` (or ``[minimum, maximum)``).
+
+    A one-element floating tensor counts as its value (temperatures and biases are often parameters).
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value.detach())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_kind(value)}")
     value = float(value)
@@ -62,6 +67,14 @@ def check_float(
             raise ValueError(f"{name} must be <= {maximum}, got {value}")
         if not include_maximum and value >= maximum:
             raise ValueError(f"{name} must be < {maximum}, got {value}")
+    return value
+
+
+def check_temperature(name: str, value: object) -> float:
+    """The effective temperature ``softplus(gamma)`` as a float: finite and > 0."""
+    value = check_float(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be the effective (positive) temperature, got {value}")
     return value
 
 

@@ -40,8 +40,9 @@ __all__ = [
     "inverse_softplus",
     "mean_square",
     "mean_squared_distances",
-    "pair_mean_square",
     "pad_abstain_target",
+    "pair_logits",
+    "pair_mean_square",
     "radial_nll",
     "radial_nll_and_grad",
     "shifted_logits",
@@ -213,6 +214,13 @@ def unit_shell_logits(mean_sq_distances: Tensor, temperature: Tensor | float) ->
     return temperature * (1.0 - mean_sq_distances)
 
 
+def pair_logits(images: Tensor, texts: Tensor, temperature: Tensor | float) -> Tensor:
+    """The pair rule: ``(N, D), (N, D) -> (N,)`` logit of each image against its own caption, the image
+    placed on the unit shell (:func:`unit_shell_logits` of :func:`pair_mean_square`); compared with the
+    abstain bias it is the built-in accept / reject decision of the scorer and the evaluation."""
+    return unit_shell_logits(pair_mean_square(images, texts), temperature)
+
+
 def true_logits(shifted: Tensor, embeddings: Tensor, temperature: Tensor) -> Tensor:
     """Remove the shift: ``-g * |x - c|^2 / D``, clamped at 0 against rounding.
 
@@ -264,14 +272,11 @@ def abstention_possible(centroids: Tensor, temperature: float | Tensor, abstain_
     """
     from scipy.optimize import linprog
 
-    from ._validation import check_float, check_tensor
+    from ._validation import check_float, check_temperature, check_tensor
 
     check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
-    g = check_float("temperature", float(temperature.detach()) if isinstance(temperature, Tensor) else temperature)
-    bias = check_float("abstain_bias",
-                       float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias)
-    if g <= 0:
-        raise ValueError(f"temperature must be > 0, got {g}")
+    g = check_temperature("temperature", temperature)
+    bias = check_float("abstain_bias", abstain_bias)
     c = centroids.detach().double().cpu()
     k, d = c.shape
     limit = 10.0 * float(c.pow(2).mean().sqrt()) if input_limit is None else check_float("input_limit", input_limit)

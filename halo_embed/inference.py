@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import geometry
-from ._validation import check_float, check_tensor, raise_if_any
+from ._validation import check_float, check_temperature, check_tensor, raise_if_any
 
 __all__ = [
     "ABSTAIN",
@@ -114,13 +114,8 @@ class HALOHead(nn.Module):
     ) -> None:
         super().__init__()
         check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
-        value = check_float("temperature", float(temperature.detach()) if isinstance(temperature, Tensor)
-                            else temperature)
-        if value <= 0:
-            raise ValueError(f"temperature must be the effective (positive) temperature, got {value}")
-        bias = check_float(
-            "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
-        )
+        value = check_temperature("temperature", temperature)
+        bias = check_float("abstain_bias", abstain_bias)
         k = centroids.shape[0]
         if class_labels is None:
             class_labels = torch.arange(k)

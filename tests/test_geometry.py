@@ -135,7 +135,7 @@ def test_abstention_possible_bound():
     shifted = c + 3.0
     assert geometry.abstention_possible(shifted, 2.5, bias)
     assert HALOHead(shifted, 2.5, bias)(-100 * torch.ones(1, 384)).abstained.all()
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be the effective"):
         geometry.abstention_possible(c, 0.0, bias)
     with pytest.raises(ValueError, match="centroids must have 2 dimension"):
         geometry.abstention_possible(c[0], 2.5, bias)

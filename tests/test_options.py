@@ -18,7 +18,6 @@ class Toy:
     fast: bool = option(False, "go fast")
     progress: bool = option(True, "no bar", flags=("--no-progress",))
     kind: str = option("a", "which", choices=("a", "b"))
-    hidden: str = option("x", cli=False)
 
 
 def parse(argv):
@@ -39,8 +38,6 @@ def test_parser_from_the_dataclass():
     assert Toy().sets is not Toy().sets  # a fresh list per instance
     with pytest.raises(SystemExit):
         parse(["--kind", "c"])
-    with pytest.raises(SystemExit):
-        parse(["--hidden", "y"])  # cli=False: a field only
     with pytest.raises(SystemExit):
         parse(["--epochs", "many"])
 

@@ -53,7 +53,7 @@ class HALOView:
         return self.model.encode_text(tokens)
 
     def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
-        return geometry.unit_shell_logits(geometry.pair_mean_square(images, texts), float(self.model.temperature.detach()))
+        return geometry.pair_logits(images, texts, float(self.model.temperature.detach()))
 
     def builtin_threshold(self) -> float | None:
         """Accept a pair when its score is at least this (the abstain bias)."""

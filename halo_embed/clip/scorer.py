@@ -189,7 +189,7 @@ class AlignmentScorer:
             if bad.numel():
                 raise ValueError(f"{name} has NaN or inf values in row(s) {bad[:5].tolist()}"
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
-        logit = geometry.unit_shell_logits(geometry.pair_mean_square(image_embeddings, text_embeddings), self.temperature)
+        logit = geometry.pair_logits(image_embeddings, text_embeddings, self.temperature)
         probability = torch.sigmoid(logit - self.abstain_bias)
         accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
         return PairScores(probability, accept, logit, self.abstain_bias)

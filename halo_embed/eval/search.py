@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import geometry
-from .._validation import check_choice, check_float
+from .._validation import check_choice, check_float, check_temperature
 from .retrieval import VectorIndex
 
 __all__ = ["RejectionIndex", "RejectionResult"]
@@ -73,13 +73,8 @@ class RejectionIndex:
         query_norm: str = "actual",
         **options,
     ) -> None:
-        self.temperature = check_float(
-            "temperature", float(temperature.detach()) if isinstance(temperature, Tensor) else temperature)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be the effective (positive) temperature, got {self.temperature}")
-        self.abstain_bias = check_float(
-            "abstain_bias", float(abstain_bias.detach()) if isinstance(abstain_bias, Tensor) else abstain_bias
-        )
+        self.temperature = check_temperature("temperature", temperature)
+        self.abstain_bias = check_float("abstain_bias", abstain_bias)
         self.query_norm = check_choice("query_norm", query_norm, ("actual", "unit"))
         self.index = VectorIndex(candidates, "l2", backend, kind, **options)
 

@@ -230,19 +230,19 @@ class HALOLoss(HALOLossBase):
         with torch.autocast(device_type=pos.device.type, enabled=False):
             pos = pos.to(dtype)
             cen = centroids.to(dtype)
-            gamma = geometry.effective_gamma(self.gamma.to(dtype))
+            temperature = geometry.effective_gamma(self.gamma.to(dtype))
             if self.implementation == "fused":
                 # the radial term rides along: no (N, D) gather and scatter through autograd
                 loss, true = fused_halo_cross_entropy(
-                    pos, cen, gamma, Positives(columns=columns), self.abstain_bias, self.label_smoothing,
+                    pos, cen, temperature, Positives(columns=columns), self.abstain_bias, self.label_smoothing,
                     self.distill, self.reduction, self.chunk_size, radial=True,
                 )
             else:
-                shifted = geometry.shifted_logits(pos, cen, gamma)
+                shifted = geometry.shifted_logits(pos, cen, temperature)
                 is_target = torch.zeros_like(shifted, dtype=torch.bool)
                 is_target.scatter_(1, columns.unsqueeze(1), True)
                 loss_ce, true = halo_cross_entropy(
-                    shifted, pos, gamma, self.abstain_bias, is_target,
+                    shifted, pos, temperature, self.abstain_bias, is_target,
                     self.label_smoothing, self.distill, self.reduction,
                 )
                 r_sq = geometry.pair_mean_square(pos, cen[columns])

@@ -170,19 +170,19 @@ class PairedHALOLoss(HALOLossBase):
             is_positive = None
             if self.implementation == "faithful" or self.rejection_weight:
                 is_positive = local_ids[:, None] == all_ids[None, :]
-            gamma = geometry.effective_gamma(self.gamma.to(dtype))
+            temperature = geometry.effective_gamma(self.gamma.to(dtype))
 
             def direction(queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor | None]:
                 if self.implementation == "fused" and not self.rejection_weight:
                     ce, _ = fused_halo_cross_entropy(
-                        queries, candidates, gamma, Positives(row_ids=local_ids, col_ids=all_ids),
+                        queries, candidates, temperature, Positives(row_ids=local_ids, col_ids=all_ids),
                         self.abstain_bias, self.label_smoothing, self.distill, "mean", self.chunk_size,
                         return_true=False,
                     )
                     return ce, None
-                shifted = geometry.shifted_logits(queries, candidates, gamma)
+                shifted = geometry.shifted_logits(queries, candidates, temperature)
                 ce, _ = halo_cross_entropy(
-                    shifted, queries, gamma, self.abstain_bias, is_positive, self.label_smoothing, self.distill
+                    shifted, queries, temperature, self.abstain_bias, is_positive, self.label_smoothing, self.distill
                 )
                 if not self.rejection_weight:
                     return ce, None
@@ -209,7 +209,7 @@ class PairedHALOLoss(HALOLossBase):
         parts = {
             "image_to_text": image_to_text.detach(),
             "radial": radial.detach(),
-            "temperature": gamma.detach().reshape(()),
+            "temperature": temperature.detach().reshape(()),
             **{name: value.detach() for name, value in extra.items()},
         }
         if text_to_image is not None:

@@ -11,7 +11,7 @@ from .._validation import check_device
 from .cifar_report import LOSSES
 from .options import add_dataclass_arguments, option
 
-__all__ = ["DATASETS", "PRESETS", "CifarConfig", "add_arguments", "apply_preset", "validate"]
+__all__ = ["DATASETS", "PRESETS", "CifarConfig", "add_arguments", "apply_preset", "parse_init_gamma", "validate"]
 
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 
@@ -30,13 +30,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _init_gamma(text: str) -> float | None:
+def parse_init_gamma(text: str) -> float | None:
+    """``--init-gamma``: a positive starting temperature, or ``reference`` (``None``: the published start)."""
     if text == "reference":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}") from None
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reference', got {text!r}")
+    return value
 
 
 @dataclass
@@ -53,7 +57,7 @@ class CifarConfig:
     loss: str = option("halo", "the loss of a single run (compare trains both)", choices=LOSSES)
     embed_dim: int | None = option(None, "HALO's embedding size (default: the number of classes, as published)")
     init_gamma: float | None = option(2.0, "HALO's starting temperature, or 'reference' for the published "
-                                           "20/(2-(1-2/D))", type=_init_gamma)
+                                           "20/(2-(1-2/D))", type=parse_init_gamma)
     width: int = option(64, "ResNet-18 stage-1 channels (64 = standard)")
     epochs: int = option(200, "training epochs")
     batch_size: int = option(128, "images per batch")

@@ -181,7 +181,7 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
                 if not accelerator.sync_gradients:
                     continue  # gradients of this micro-batch are accumulated, not yet synchronised or applied
                 if config.grad_clip_norm:
-                    meter.grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm))
+                    meter.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -237,17 +237,18 @@ def epoch_batches(accelerator, loader, position: RunPosition, config: FinetuneCo
 
 class StepMeter:
     """The last optimizer step's loss and parts (means over its micro-batches) and the throughput since the
-    last log record."""
+    last log record. Values stay tensors on the device until a record is written: no host sync per step."""
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self.last: dict[str, float] = {}
+        self.totals: dict[str, torch.Tensor] = {}
+        self.last: dict[str, torch.Tensor] = {}
         self.micro_batches, self.samples, self.grad_norm = 0, 0, None
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, parts: dict[str, Any], samples: int) -> None:
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], samples: int) -> None:
         for key, value in {"loss": loss, **parts}.items():
-            self.totals[key] = self.totals.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            value = value.detach().float().reshape(())
+            self.totals[key] = self.totals[key] + value if key in self.totals else value
         self.micro_batches += 1
         self.samples += samples
 
@@ -258,13 +259,13 @@ class StepMeter:
     def flush(self, accelerator) -> dict[str, float]:
         """The last step's values (averaged over every process: the global batch's, not rank 0's shard)."""
         keys = sorted(self.last)
-        values = [self.last[k] for k in keys]
+        values = torch.stack([self.last[k] for k in keys])
         if accelerator.num_processes > 1:
-            values = accelerator.reduce(torch.tensor(values, device=accelerator.device), "mean").tolist()
-        record = dict(zip(keys, values))
+            values = accelerator.reduce(values, "mean")
+        record = dict(zip(keys, values.tolist()))
         record["samples_per_s"] = self.samples / max(time.perf_counter() - self.started, 1e-9)
         if self.grad_norm is not None:
-            record["grad_norm"] = self.grad_norm
+            record["grad_norm"] = float(self.grad_norm)
         self.samples, self.started = 0, time.perf_counter()
         return record
 

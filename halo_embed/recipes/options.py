@@ -34,11 +34,10 @@ _GIVEN = "given_options"
 
 
 def option(default: Any, help: str = "", *, flags: Sequence[str] | None = None, choices: Sequence[Any] | None = None,
-           type: Callable[[str], Any] | None = None, nargs: str | None = None, metavar: str | None = None,
-           cli: bool = True) -> Any:
-    """A dataclass field that is also a command-line option (``cli=False``: a field only)."""
+           type: Callable[[str], Any] | None = None, nargs: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option."""
     metadata = {"help": help, "flags": tuple(flags) if flags else None, "choices": tuple(choices) if choices else None,
-                "type": type, "nargs": nargs, "metavar": metavar, "cli": cli}
+                "type": type, "nargs": nargs}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -59,62 +58,41 @@ _STORE_TRUE = _recording(argparse._StoreTrueAction)
 _STORE_FALSE = _recording(argparse._StoreFalseAction)
 
 
-def _value_type(annotation: Any) -> Any:
-    """``int`` of ``int``, ``int | None``, ``Optional[int]``; ``list`` of ``list[str]``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {})  # noqa: S307 (our own annotations)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _value_type(args[0]) if len(args) == 1 else str
-    if origin is list:
-        return list
-    return annotation
+def _parse_type(hint: Any) -> tuple[Any, bool]:
+    """``(type of one value, is a list)`` of a resolved annotation: ``int | None`` -> ``(int, False)``,
+    ``list[str]`` -> ``(str, True)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _parse_type(args[0]) if len(args) == 1 else (str, False)
+    if typing.get_origin(hint) is list:
+        return (typing.get_args(hint) or (str,))[0], True
+    return hint, False
 
 
-def _element_type(annotation: Any) -> Any:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {})  # noqa: S307
-    args = typing.get_args(annotation)
-    return args[0] if args else str
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: Sequence[str] = ()) -> None:
-    """One option per field of the dataclass ``cls`` (fields with ``cli=False`` or in ``exclude`` left out)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of the dataclass ``cls``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"cls must be a dataclass, got {cls!r}")
+    hints = typing.get_type_hints(cls)  # resolves ``from __future__ import annotations`` strings
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if f.name in exclude or not meta.get("cli", True):
-            continue
-        default = _default(f)
-        kind = _value_type(f.type)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind, is_list = _parse_type(hints[f.name])
+        dashed = f"--{f.name.replace('_', '-')}"
         help_text = meta.get("help", "")
-        if kind is bool:
-            flags = meta.get("flags") or ((f"--no-{f.name.replace('_', '-')}",) if default
-                                          else (f"--{f.name.replace('_', '-')}",))
+        if kind is bool:  # a switch: sets a False default, clears a True one (--no-...)
+            flags = meta.get("flags") or ((f"--no-{dashed[2:]}",) if default else (dashed,))
             parser.add_argument(*flags, dest=f.name, action=_STORE_FALSE if default else _STORE_TRUE, help=help_text)
             continue
-        flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "action": _STORE, "help": help_text}
-        if kind is list:
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "action": _STORE, "type": meta.get("type") or kind,
+                                  "help": help_text}
+        if is_list or meta.get("nargs"):
             kwargs["nargs"] = meta.get("nargs") or "*"
-            kwargs["type"] = meta.get("type") or _element_type(f.type)
-        else:
-            kwargs["type"] = meta.get("type") or kind
-            if meta.get("nargs"):
-                kwargs["nargs"] = meta["nargs"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
-        if meta.get("metavar"):
-            kwargs["metavar"] = meta["metavar"]
-        if default is not None and help_text and "default" not in help_text:
+        if default is not None and help_text and "default" not in help_text:  # some helps say it themselves
             kwargs["help"] = f"{help_text} (default: {default})"
-        parser.add_argument(*flags, **kwargs)
+        parser.add_argument(*(meta.get("flags") or (dashed,)), **kwargs)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
