@@ -30,6 +30,6 @@ config = {"embed_dim": 256,
 json.dump(config, open(os.path.join(out, "minilm-vit.json"), "w"), indent=2)
 PY
 set -x
-.venv/bin/halo-embed finetune --loss halo clip --model "$OUT/minilm-vit.json" --lock-text \
+.venv/bin/halo-embed finetune --loss halo clip --model "$OUT/minilm-vit.json" --lock-text --lock-text-freeze-layer-norm \
   --train-data "$OUT/train.csv" --val-data "$OUT/val.csv" --csv-img-key image --csv-caption-key caption \
   --ood-data "$SHARED/svhn-partial.npz" --epochs 5 --batch-size 64 --name flickr-minilm --output runs "$@"

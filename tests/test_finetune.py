@@ -142,7 +142,10 @@ def test_baselines_train_and_evaluate(tmp_path, tiny_model_dirs, loss):
     metrics = train(config)
     pooled = metrics["eval"]["val"]["rejection"]["all mismatched"]
     assert ("builtin_threshold_accuracy" in pooled) == (loss == "siglip")  # CLIP has no built-in decision
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    from halo_embed.clip import ContrastiveCLIP, load_model
+
+    saved = load_model(tmp_path / "run" / "checkpoint")  # the baseline is kept too (for WiSE-FT, for comparisons)
+    assert isinstance(saved, ContrastiveCLIP) and saved.loss_name == loss
 
 
 def write_csv_data(tmp_path, broken=True):

@@ -6,7 +6,7 @@ open_clip / transformers are imported when a backbone is built.
 
 from .adapter import FeatureAdapter
 from .backbones import CLIPBackbone, HFCLIPBackbone, OpenCLIPBackbone, load_backbone, rebuild_backbone
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .contrastive import ContrastiveCLIP, parameter_groups
 from .model import HALOCLIP
 from .prototype import DEFAULT_TEMPLATES, PrototypeClassifier
@@ -26,6 +26,7 @@ __all__ = [
     "Ranking",
     "load_backbone",
     "load_checkpoint",
+    "load_model",
     "parameter_groups",
     "rebuild_backbone",
     "save_checkpoint",

@@ -102,13 +102,21 @@ class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def lock_image(self) -> None:
-        """Freeze the image tower (LiT-style locking)."""
+    def lock_image(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the image tower (LiT-style locking), leaving its last ``unlocked_groups`` layer groups
+        trainable (open_clip's groups: stem, each block, last block + final norm, projection);
+        ``freeze_bn_stats`` also fixes the BatchNorm statistics of the locked layers."""
         raise NotImplementedError
 
     @abc.abstractmethod
-    def lock_text(self) -> None:
+    def lock_text(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower, leaving its last ``unlocked_layers`` layer groups trainable;
+        ``freeze_layer_norm=False`` leaves the LayerNorms of the locked layers trainable (Hugging Face
+        text towers, as in open_clip)."""
         raise NotImplementedError
+
+    #: the dtype pixels are cast to (the weights' half precision with --precision fp16/bf16/pure_*)
+    input_dtype: torch.dtype | None = None
 
     @abc.abstractmethod
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -132,6 +140,19 @@ class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+def _check_lock_arguments(count_name: str, count: int, flag_name: str, flag: bool) -> tuple[int, bool]:
+    from .._validation import check_bool, check_int
+
+    return check_int(count_name, count, minimum=0), check_bool(flag_name, flag)
+
+
+#: open_clip's --precision values
+PRECISION_NAMES = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
+#: open_clip's --precision values that hold weights in half precision, and that dtype
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16,
+                 "pure_bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager
@@ -177,7 +198,10 @@ class OpenCLIPBackbone(CLIPBackbone):
         self.embed_dim = int(model_cfg["embed_dim"])
 
     @classmethod
-    def from_pretrained(cls, model_name: str, pretrained: str | None = None, **kwargs: Any) -> "OpenCLIPBackbone":
+    def from_pretrained(cls, model_name: str, pretrained: str | None = None, precision: str = "fp32",
+                        **kwargs: Any) -> "OpenCLIPBackbone":
+        """``precision``: open_clip's weight precisions (``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``) as
+        open_clip applies them; anything else (``fp32``, the ``amp*`` autocast modes) keeps fp32 weights."""
         import open_clip
 
         is_config_file = model_name.endswith(".json")
@@ -201,17 +225,23 @@ class OpenCLIPBackbone(CLIPBackbone):
         # for any other architecture open_clip's warning tells a user who forgot --pretrained
         by_design = pretrained is None and (is_config_file or (BUILTIN_CONFIGS / f"{model_name}.json").is_file())
         with _quiet_random_init_warning() if by_design else contextlib.nullcontext():
-            model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                            **kwargs)
+            model, train_tf, val_tf = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, precision=precision if precision in WEIGHT_DTYPES else "fp32",
+                **kwargs)
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise ValueError(f"open_clip has no model config for {model_name!r}")
         from open_clip.model import get_model_preprocess_cfg
 
         tokenizer = open_clip.get_tokenizer(model_name)
-        return cls(model, train_tf, val_tf, tokenizer, model_cfg, dict(get_model_preprocess_cfg(model)), model_name)
+        backbone = cls(model, train_tf, val_tf, tokenizer, model_cfg, dict(get_model_preprocess_cfg(model)),
+                       model_name)
+        backbone.input_dtype = WEIGHT_DTYPES.get(precision)
+        return backbone
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
+        if self.input_dtype is not None:
+            pixel_values = pixel_values.to(self.input_dtype)
         return self.model.encode_image(pixel_values, normalize=False)
 
     def encode_text(self, tokens: Tokens) -> Tensor:
@@ -230,11 +260,24 @@ class OpenCLIPBackbone(CLIPBackbone):
     def image_transform(self, train: bool = False) -> Callable:
         return self._train_transform if train else self._val_transform
 
-    def lock_image(self) -> None:
-        self.model.lock_image_tower()
+    def lock_image(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        unlocked_groups, freeze_bn_stats = _check_lock_arguments("unlocked_groups", unlocked_groups,
+                                                                 "freeze_bn_stats", freeze_bn_stats)
+        try:
+            self.model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+        except AssertionError as error:  # e.g. ModifiedResNet: "partial locking not currently supported"
+            raise ValueError(f"open_clip cannot lock this image tower ({type(self.model.visual).__name__}) "
+                             f"with unlocked_groups={unlocked_groups}: {error}") from None
 
-    def lock_text(self) -> None:
-        self.model.lock_text_tower()
+    def lock_text(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        unlocked_layers, freeze_layer_norm = _check_lock_arguments("unlocked_layers", unlocked_layers,
+                                                                   "freeze_layer_norm", freeze_layer_norm)
+        from open_clip.hf_model import HFTextEncoder
+
+        if not isinstance(getattr(self.model, "text", None), HFTextEncoder):
+            # open_clip's own text tower locks LayerNorms with their layer (it asserts on anything else)
+            freeze_layer_norm = True
+        self.model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -324,13 +367,20 @@ class HFCLIPBackbone(CLIPBackbone):
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
 
     @classmethod
-    def from_pretrained(cls, model_id_or_dir: str, **kwargs: Any) -> "HFCLIPBackbone":
+    def from_pretrained(cls, model_id_or_dir: str, precision: str = "fp32", **kwargs: Any) -> "HFCLIPBackbone":
+        """``precision``: ``fp16`` / ``bf16`` / ``pure_fp16`` / ``pure_bf16`` load the whole model in that
+        dtype (transformers has no per-layer half precision like open_clip's fp16 / bf16); anything else
+        keeps fp32 weights."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+        if precision in WEIGHT_DTYPES:
+            kwargs.setdefault("dtype", WEIGHT_DTYPES[precision])
         model = AutoModel.from_pretrained(model_id_or_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_dir)
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir)
-        return cls(model, tokenizer, processor, str(model_id_or_dir))
+        backbone = cls(model, tokenizer, processor, str(model_id_or_dir))
+        backbone.input_dtype = WEIGHT_DTYPES.get(precision)
+        return backbone
 
     @staticmethod
     def _features(output: Any) -> Tensor:
@@ -338,6 +388,8 @@ class HFCLIPBackbone(CLIPBackbone):
         return output if isinstance(output, Tensor) else output.pooler_output
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
+        if self.input_dtype is not None:
+            pixel_values = pixel_values.to(self.input_dtype)
         return self._features(self.model.get_image_features(pixel_values=pixel_values))
 
     def encode_text(self, tokens: Tokens) -> Tensor:
@@ -365,13 +417,52 @@ class HFCLIPBackbone(CLIPBackbone):
         names = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}[kind]
         return [getattr(model, n) for n in names if getattr(model, n, None) is not None]
 
-    def lock_image(self) -> None:
-        for module in self._tower("image"):
-            _freeze(module)
+    def _groups(self, kind: str) -> list[list[nn.Module]]:
+        """open_clip's layer groups of a CLIP-style tower: embeddings (+ pre-norm), each encoder layer, the
+        last layer with the final norm, the projection."""
+        model = self.model
+        tower = getattr(model, "vision_model" if kind == "image" else "text_model", None)
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if tower is None or not layers:
+            raise ValueError(f"partial locking needs a CLIP-style {kind} tower with encoder layers; "
+                             f"{type(model).__name__} has none")
+        pick = lambda *names: [m for n in names if (m := getattr(tower, n, None)) is not None]  # noqa: E731
+        first = pick("embeddings", "pre_layrnorm")
+        last = [layers[-1], *pick("post_layernorm" if kind == "image" else "final_layer_norm")]
+        projection = getattr(model, "visual_projection" if kind == "image" else "text_projection", None)
+        return [first, *([layer] for layer in layers[:-1]), last] + ([[projection]] if projection is not None else [])
 
-    def lock_text(self) -> None:
-        for module in self._tower("text"):
+    def _lock(self, kind: str, unlocked: int) -> list[nn.Module]:
+        """Freeze the tower, then unfreeze its last ``unlocked`` groups; returns the modules left frozen."""
+        for module in self._tower(kind):
             _freeze(module)
+        if not unlocked:
+            return self._tower(kind)
+        groups = self._groups(kind)
+        for group in groups[-unlocked:]:
+            for module in group:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        return [module for group in groups[:-unlocked] for module in group]
+
+    def lock_image(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        unlocked_groups, freeze_bn_stats = _check_lock_arguments("unlocked_groups", unlocked_groups,
+                                                                 "freeze_bn_stats", freeze_bn_stats)
+        frozen = self._lock("image", unlocked_groups)
+        if freeze_bn_stats and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                   for module in frozen for m in module.modules()):
+            raise ValueError("freeze_bn_stats is not supported for transformers image towers with BatchNorm")
+
+    def lock_text(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        unlocked_layers, freeze_layer_norm = _check_lock_arguments("unlocked_layers", unlocked_layers,
+                                                                   "freeze_layer_norm", freeze_layer_norm)
+        frozen = self._lock("text", unlocked_layers)
+        if not freeze_layer_norm:  # open_clip's Hugging Face text towers: LayerNorms of locked layers still train
+            for module in frozen:
+                for m in module.modules():
+                    if isinstance(m, nn.LayerNorm):
+                        for p in m.parameters():
+                            p.requires_grad_(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
@@ -401,7 +492,8 @@ class HFCLIPBackbone(CLIPBackbone):
 _CLASSES = {"open_clip": OpenCLIPBackbone, "transformers": HFCLIPBackbone}
 
 
-def load_backbone(family: str, name: str, pretrained: str | None = None, **kwargs: Any) -> CLIPBackbone:
+def load_backbone(family: str, name: str, pretrained: str | None = None, precision: str = "fp32",
+                  **kwargs: Any) -> CLIPBackbone:
     """Build a backbone the way each library's users do.
 
     Args:
@@ -409,17 +501,22 @@ def load_backbone(family: str, name: str, pretrained: str | None = None, **kwarg
         name: open_clip architecture / ``hf-hub:`` / ``local-dir:`` name, or an
             HF hub id or local folder.
         pretrained: open_clip only: a tag or a local checkpoint file.
+        precision: open_clip's ``--precision`` value; ``fp16``, ``bf16``,
+            ``pure_fp16`` and ``pure_bf16`` hold the weights in half precision
+            (see each class's ``from_pretrained``), others keep fp32.
 
     Raises:
-        ValueError: unknown family, or ``pretrained`` given for transformers.
+        ValueError: unknown family or precision, or ``pretrained`` given for transformers.
     """
     if family not in _CLASSES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if precision not in PRECISION_NAMES:
+        raise ValueError(f"precision must be one of {list(PRECISION_NAMES)}, got {precision!r}")
     if family == "transformers":
         if pretrained is not None:
             raise ValueError("pretrained is an open_clip option; for transformers pass the hub id or folder as name")
-        return HFCLIPBackbone.from_pretrained(name, **kwargs)
-    return OpenCLIPBackbone.from_pretrained(name, pretrained=pretrained, **kwargs)
+        return HFCLIPBackbone.from_pretrained(name, precision=precision, **kwargs)
+    return OpenCLIPBackbone.from_pretrained(name, pretrained=pretrained, precision=precision, **kwargs)
 
 
 def rebuild_backbone(spec: dict[str, Any], directory: Path) -> CLIPBackbone:

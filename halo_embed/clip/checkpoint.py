@@ -1,7 +1,9 @@
-"""HALOCLIP checkpoints: a folder with ``model.safetensors`` + ``config.json``.
+"""Model checkpoints: a folder with ``model.safetensors`` + ``config.json``.
 
-The folder rebuilds the model and the scorer without the training code and
-without downloading anything: ``config.json`` describes the backbone (for
+A :class:`~halo_embed.clip.HALOCLIP` checkpoint is what the scorer loads; a
+:class:`~halo_embed.clip.ContrastiveCLIP` one (CLIP's or SigLIP's loss) holds
+the baseline of a comparison and the end points of WiSE-FT. The folder
+rebuilds the model without the training code and without downloading anything: ``config.json`` describes the backbone (for
 open_clip the folder is also a valid ``local-dir:`` with its
 ``open_clip_config.json``; for transformers the tokenizer and image processor
 are saved under ``processor/``), the adapter and the loss.
@@ -26,13 +28,15 @@ import torch
 from .. import __version__
 from ..io import new_file_mode, to_jsonable
 from .backbones import rebuild_backbone
+from .contrastive import ContrastiveCLIP
 from .model import HALOCLIP
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_checkpoint", "load_model", "save_checkpoint"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "halo-embed/haloclip"
+CONTRASTIVE_FORMAT = "halo-embed/contrastive"
 FORMAT_VERSION = 1
 
 
@@ -43,19 +47,20 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: HALOCLIP | ContrastiveCLIP, directory: str | os.PathLike,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (replacing an existing checkpoint there).
 
     Args:
-        model: the model to save.
+        model: the model to save (a :class:`HALOCLIP` or a :class:`ContrastiveCLIP`).
         directory: the checkpoint folder.
         extra: JSON-able information stored under ``"extra"`` in ``config.json``
             (e.g. the training step and run arguments).
     """
     from safetensors.torch import save_model
 
-    if not isinstance(model, HALOCLIP):
-        raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
+    if not isinstance(model, (HALOCLIP, ContrastiveCLIP)):
+        raise TypeError(f"model must be a HALOCLIP or a ContrastiveCLIP, got {type(model).__name__}")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # a save that was killed left its staging folder; one process writes a checkpoint, so any is stale
@@ -65,20 +70,17 @@ def save_checkpoint(model: HALOCLIP, directory: str | os.PathLike, extra: dict[s
     staging = directory.parent / f".{directory.name}.tmp-{tag}"
     staging.mkdir()
     try:
-        save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+        kind = FORMAT if isinstance(model, HALOCLIP) else CONTRASTIVE_FORMAT
+        save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": kind})
         model.backbone.save_files(staging)
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "halo_embed_version": __version__,
-            "backbone": model.backbone.spec(),
-            "loss": model.loss_config(),
-            "adapter": model.adapter_config(),
-            "embed_dim": model.embed_dim,
-            "abstain_bias": model.abstain_bias,
-            "temperature": float(model.temperature.detach()),
-            "extra": to_jsonable(extra or {}),
-        }
+        config = {"format": kind, "format_version": FORMAT_VERSION, "halo_embed_version": __version__,
+                  "backbone": model.backbone.spec(), "embed_dim": model.backbone.embed_dim}
+        if isinstance(model, HALOCLIP):
+            config.update(loss=model.loss_config(), adapter=model.adapter_config(), abstain_bias=model.abstain_bias,
+                          temperature=float(model.temperature.detach()))
+        else:
+            config.update(loss={"name": model.loss_name}, logit_scale=float(model.logit_scale.detach()))
+        config["extra"] = to_jsonable(extra or {})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         # safetensors writes through a private (0600) temporary file: give its file the mode of the others
         os.chmod(staging / WEIGHTS_NAME, new_file_mode())
@@ -113,8 +115,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is damaged (not valid JSON: {error})") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not a halo-embed HALOCLIP config (format {config.get('format')!r})"
+    if not isinstance(config, dict) or config.get("format") not in (FORMAT, CONTRASTIVE_FORMAT):
+        raise ValueError(f"{config_path} is not a halo-embed checkpoint config (format {config.get('format')!r})"
                          if isinstance(config, dict) else f"{config_path} is not a JSON object")
     for key in ("backbone", "loss"):
         if key not in config:
@@ -127,10 +129,24 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
 
     Raises:
         FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: a damaged file (named in the message), or a CLIP / SigLIP checkpoint (see :func:`load_model`).
+    """
+    model = load_model(directory, device)
+    if not isinstance(model, HALOCLIP):
+        raise ValueError(f"{directory} holds a model trained with {model.loss_name}'s loss, not a HALO checkpoint: "
+                         "the scorer needs HALO's temperature and abstain bias (load it with load_model)")
+    return model
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> HALOCLIP | ContrastiveCLIP:
+    """Rebuild the :class:`HALOCLIP` or :class:`ContrastiveCLIP` of a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing.
         ValueError: a damaged file (named in the message).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model as load_weights
 
     directory = Path(directory)
     config = read_config(directory)
@@ -138,13 +154,19 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
     backbone = rebuild_backbone(config["backbone"], directory)
-    # checkpoints written before the adapter had options used fixed statistics
-    adapter = config.get("adapter", {"normalization": "fixed"})
-    if not isinstance(adapter, dict):
-        raise ValueError(f"{directory / CONFIG_NAME} is damaged: its 'adapter' entry is not an object")
-    model = HALOCLIP(backbone, **config["loss"], **adapter)
+    if config["format"] == CONTRASTIVE_FORMAT:
+        loss = config["loss"].get("name") if isinstance(config["loss"], dict) else None
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"{directory / CONFIG_NAME} is damaged: unknown loss {loss!r}")
+        model = ContrastiveCLIP(backbone, loss)
+    else:
+        # checkpoints written before the adapter had options used fixed statistics
+        adapter = config.get("adapter", {"normalization": "fixed"})
+        if not isinstance(adapter, dict):
+            raise ValueError(f"{directory / CONFIG_NAME} is damaged: its 'adapter' entry is not an object")
+        model = HALOCLIP(backbone, **config["loss"], **adapter)
     try:
-        load_model(model, str(weights), strict=True, device=str(device))
+        load_weights(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ValueError(f"{weights} is damaged or does not match {directory / CONFIG_NAME}: {error}") from error
     # a damaged data region with an intact header loads; its NaN would make every probability NaN

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..io import atomic_path
 from .metrics import CalibrationResult
 
-__all__ = ["embedding_pca", "reliability_diagram", "roc_curves", "score_histograms"]
+__all__ = ["embedding_pca", "reliability_diagram", "roc_curves", "score_histograms", "tradeoff_curves"]
 
 
 def _figure(width: float = 5.0, height: float = 4.0):
@@ -149,4 +149,21 @@ def embedding_pca(
     ax.set_xlabel(f"PC1 ({100 * pca.explained_variance_ratio_[0]:.0f}%)")
     ax.set_ylabel(f"PC2 ({100 * pca.explained_variance_ratio_[1]:.0f}%)")
     ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def tradeoff_curves(curves: Mapping[str, Sequence[tuple[float, float, str]]], path: str | os.PathLike,
+                    xlabel: str, ylabel: str, title: str = "") -> Path:
+    """One line per name through its ``(x, y, annotation)`` points (e.g. a WiSE-FT sweep, alpha annotated)."""
+    fig = _figure(5.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in curves.items():
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y, note in points:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
     return _save(fig, path)

@@ -48,6 +48,7 @@ Options and defaults: :mod:`~halo_embed.recipes.finetune_config`; data:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -59,11 +60,15 @@ import torch
 from ..io import atomic_write_json
 from .common import print_reports, recipe_main, warmup_cosine
 from .finetune_config import PRECISIONS, FinetuneConfig, add_arguments, configs_from_args, validate
-from .finetune_data import calibration_batches, load_pairs, training_loader
-from .finetune_report import evaluate_run, write_comparison, write_run_report
+from .finetune_data import calibration_batches, load_pairs, training_loader, zeroshot_data_for
+from .finetune_report import evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
 from .runs import JsonlLog, RunPosition, refuse_to_overwrite, resolve_resume, save_accelerate_state
 
 __all__ = ["FinetuneConfig", "build_model", "main", "run", "train"]
+
+#: --report-to -> accelerate's log_with
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "wandb,tensorboard": ["wandb", "tensorboard"],
+            "tensorboard,wandb": ["wandb", "tensorboard"], "all": ["wandb", "tensorboard"], "none": None}
 
 
 def check_run_folder(config: FinetuneConfig) -> None:
@@ -76,11 +81,11 @@ def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
     from ..clip import HALOCLIP, ContrastiveCLIP, load_backbone
 
     torch.manual_seed(config.seed)  # same initial weights for every loss of a comparison
-    backbone = load_backbone(config.family, config.model, config.pretrained)
+    backbone = load_backbone(config.family, config.model, config.pretrained, precision=config.precision)
     if config.lock_image:
-        backbone.lock_image()
+        backbone.lock_image(config.lock_image_unlocked_groups, config.lock_image_freeze_bn_stats)
     if config.lock_text:
-        backbone.lock_text()
+        backbone.lock_text(config.lock_text_unlocked_layers, config.lock_text_freeze_layer_norm)
     if config.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     if config.loss == "halo":
@@ -106,10 +111,10 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     run_dir = config.run_dir()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without CUDA, accelerate joins a torchrun group only when told so
-        mixed_precision=PRECISIONS[config.precision],
+        mixed_precision=PRECISIONS[config.precision][0],
         gradient_accumulation_steps=config.accum_freq,
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
-        log_with="tensorboard",
+        log_with=TRACKERS[config.report_to],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
     check_run_folder(config)
@@ -128,6 +133,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         batches = calibration_batches(config, train_source, model.backbone)
         stats = model.calibrate(batches)
         accelerator.print(f"adapter calibrated on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
+    zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data is reported before training
 
     # 3. optimisation, resumed where a checkpoint left it
     total_steps = config.max_steps or math.ceil(len(loader) / config.accum_freq) * config.epochs
@@ -140,6 +146,9 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         accelerator.print(f"resumed from {resume_dir} at step {position.step}")
+    elif accelerator.is_main_process:
+        record_initial_model(accelerator.unwrap_model(model), config, accelerator.device, zeroshot_data)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers("finetune", config={k: v for k, v in asdict(config).items()
                                                   if isinstance(v, (int, float, str, bool))})
     log = JsonlLog(run_dir / "log.jsonl", accelerator.is_main_process, position.step if resume_dir else None)
@@ -154,12 +163,39 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
                                "skipped_images": position.skipped_images,
                                "skipped_rows": len(getattr(train_source, "bad_rows", []))}
     if accelerator.is_main_process:
-        if config.loss == "halo":
-            save_checkpoint(unwrapped, run_dir / "checkpoint", extra={"step": position.step, "config": asdict(config)})
+        save_checkpoint(unwrapped, run_dir / "checkpoint", extra={"step": position.step, "config": asdict(config)})
         metrics.update(evaluate_run(unwrapped, config, accelerator.device))
+        if zeroshot_data is not None:
+            metrics["zeroshot"] = {"before": json.loads((run_dir / ZEROSHOT_BEFORE).read_text()),
+                                   "after": evaluate_zeroshot_for(unwrapped, config, accelerator.device, zeroshot_data)}
+        if config.wise_ft:
+            from .wise_ft import sweep
+
+            metrics["wise_ft"] = sweep(run_dir, config.wise_ft, accelerator.device, config=config)
         write_run_report(run_dir, config, metrics)
     accelerator.end_training()
     return metrics
+
+
+ZEROSHOT_BEFORE = "zeroshot_before.json"
+
+
+def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data) -> None:
+    """What the run starts from: its zero-shot accuracy (``--zeroshot-data``) and, for ``--wise-ft``, the
+    model itself (``checkpoint-initial/``: after the adapter's calibration, before the first step)."""
+    from ..clip import save_checkpoint
+    from ..io import atomic_write_json
+    from .runs import rng_state, set_rng_state
+
+    run_dir = config.run_dir()
+    if zeroshot_data is not None:
+        state = rng_state()  # the evaluation's DataLoader draws a seed: training stays as without it
+        before = evaluate_zeroshot_for(model, config, device, zeroshot_data)
+        set_rng_state(state)
+        atomic_write_json(run_dir / ZEROSHOT_BEFORE, before)
+        print(f"zero-shot before fine-tuning: top-1 {100 * before['top1']:.2f} % on {before['images']} images")
+    if config.wise_ft:
+        save_checkpoint(model, run_dir / "checkpoint-initial", extra={"step": 0, "config": asdict(config)})
 
 
 def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunPosition, total_steps: int,
@@ -171,6 +207,7 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
                disable=not (accelerator.is_main_process and config.progress))
     meter = StepMeter()
     model.train()
+    saved_at = position.step
     while position.step < total_steps:
         for batch in epoch_batches(accelerator, loader, position, config):
             with accelerator.accumulate(model):
@@ -196,8 +233,14 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if position.step % config.save_every == 0 or position.step == total_steps:
                 save_accelerate_state(accelerator, config.run_dir(), position, config.keep_checkpoints)
+                saved_at = position.step
             if position.step >= total_steps:
                 break
+        epoch_done = position.batches_in_epoch == 0
+        if epoch_done and config.save_frequency and position.epoch % config.save_frequency == 0 \
+                and saved_at != position.step:  # --save-frequency: open_clip's checkpoint every n epochs
+            save_accelerate_state(accelerator, config.run_dir(), position, config.keep_checkpoints)
+            saved_at = position.step
     bar.close()
 
 

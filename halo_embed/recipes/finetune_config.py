@@ -1,24 +1,33 @@
 """Every option of ``halo-embed finetune``, declared once: its default, its command-line flag and its help.
 
-Flag names follow open_clip's trainer (``--train-data``, ``--batch-size``,
-``--accum-freq``, ``--lock-image``, ``--precision`` ...); see README for where
-a meaning differs.
+Flag names follow open_clip's trainer (``open_clip_train.main``): a flag with
+one of its names has its meaning and accepts its values (``--precision``,
+``--lock-image-unlocked-groups``, ``--save-frequency``, ``--log-every-n-steps``,
+``--report-to``, ``--siglip`` ...); where a default differs, the help says
+so. README's flag table maps every open_clip_train flag to supported /
+different / not supported.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data.images import DEFAULT_MAX_PIXELS
-from .options import add_dataclass_arguments, dataclass_from_args, option
+from .options import add_dataclass_arguments, dataclass_from_args, given_options, option
 
 LOSSES = ("halo", "clip", "siglip")
-#: --precision -> accelerate's mixed_precision
-PRECISIONS = {"fp32": "no", "amp": "fp16", "fp16": "fp16", "amp_bf16": "bf16", "bf16": "bf16"}
+#: open_clip's --precision values -> (accelerate's autocast, the dtype the weights are held in). As in
+#: open_clip: amp* autocast with fp32 weights; fp16 / bf16 hold the weights of linear, convolution and
+#: attention layers in half precision (open_clip's convert_weights_to_lp), pure_* the whole model.
+PRECISIONS = {"fp32": ("no", None), "amp": ("fp16", None), "amp_bf16": ("bf16", None),
+              "amp_bfloat16": ("bf16", None), "fp16": ("no", "fp16"), "bf16": ("no", "bf16"),
+              "pure_fp16": ("no", "pure_fp16"), "pure_bf16": ("no", "pure_bf16")}
+REPORT_TO = ("tensorboard", "wandb", "wandb,tensorboard", "tensorboard,wandb", "all", "none")
 
 
 @dataclass
@@ -47,12 +56,22 @@ class FinetuneConfig:
     shapes_train_images: int = option(3000, "built-in shapes: training images")
     shapes_val_images: int = option(400, "built-in shapes: validation images")
     ood_data: list[str] = option([], "folders or .npz files of OOD images for the rejection report")
+    zeroshot_data: str | None = option(None, "labelled images (an image folder <class>/<image>, or a CSV with "
+                                             "filepath/image and label/class columns) classified zero-shot from "
+                                             "their class names before the first step and at the end")
+    zeroshot_classnames: str | None = option(None, "class names: 'key<TAB>name' lines (folder name or label -> "
+                                                   "name) or one name per line in label order (default: the "
+                                                   "folder names / labels)")
+    zeroshot_templates: list[str] = option(["a photo of a {}."], "prompt templates with {} (or one file with a "
+                                                                  "template per line)")
+    zeroshot_images: int = option(1000, "zero-shot images evaluated (a seeded random subset)")
     strict_images: bool = option(False, "stop at the first broken image (default: skip and count it)")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "larger training images count as broken (PIL's bomb limit)")
     workers: int = option(0, "DataLoader worker processes")
     # optimisation
     loss: str = option("halo", "one loss, or several to compare (same initial weights, data and seed)",
                        choices=LOSSES, nargs="+")
+    siglip: bool = option(False, "open_clip's spelling of --loss siglip")
     epochs: int = option(5, "passes over the training data")
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)")
     batch_size: int = option(64, "pairs per process and micro-batch")
@@ -64,10 +83,22 @@ class FinetuneConfig:
     eps: float = option(1e-6, "AdamW epsilon")
     warmup: int = option(50, "linear warm-up steps before the cosine decay")
     grad_clip_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
-    precision: str = option("fp32", "autocast: amp / fp16 (CUDA), amp_bf16 / bf16; weights stay fp32",
+    precision: str = option("fp32", "open_clip's meanings: amp (fp16 autocast, CUDA) / amp_bf16 autocast with "
+                                    "fp32 weights; fp16 / bf16 half-precision layer weights; pure_fp16 / pure_bf16 "
+                                    "the whole model in half precision; fp32 (default fp32; open_clip's is amp)",
                             choices=tuple(PRECISIONS))
-    lock_image: bool = option(False, "freeze the image tower")
-    lock_text: bool = option(False, "freeze the text tower")
+    lock_image: bool = option(False, "freeze the image tower (LiT)")
+    lock_image_unlocked_groups: int = option(0, "with --lock-image: leave the last n layer groups of the image "
+                                                "tower trainable (open_clip's groups)")
+    lock_image_freeze_bn_stats: bool = option(False, "with --lock-image: freeze BatchNorm running statistics of the "
+                                                     "locked layers (ResNet towers)")
+    lock_text: bool = option(False, "freeze the text tower (its projection stays trainable for a Hugging Face "
+                                    "text tower, as in open_clip)")
+    lock_text_unlocked_layers: int = option(0, "with --lock-text: leave the last n layer groups of the text tower "
+                                               "trainable")
+    lock_text_freeze_layer_norm: bool = option(False, "with --lock-text: freeze the LayerNorms of the locked layers "
+                                                      "too (Hugging Face text towers; open_clip's own text tower "
+                                                      "always locks them with their layer)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     # HALO
     label_smoothing: float = option(0.1, "HALO: label smoothing (also sets the abstain bias)")
@@ -89,8 +120,17 @@ class FinetuneConfig:
                        flags=("--logs", "--output"))
     name: str | None = option(None, "run folder name (default: finetune-<loss>, or finetune-compare)")
     save_every: int = option(200, "save a resumable checkpoint every this many steps (and at the end)")
+    save_frequency: int = option(0, "also save one at the end of every n epochs (open_clip's option; default 0: "
+                                    "only --save-every)")
     keep_checkpoints: int = option(2, "resumable checkpoints kept")
-    log_every: int = option(10, "log.jsonl / TensorBoard record every this many steps")
+    log_every: int = option(10, "log.jsonl / tracker record every this many steps (default 10; open_clip's 100)",
+                            flags=("--log-every-n-steps", "--log-every"))
+    report_to: str = option("tensorboard", "trackers: tensorboard, wandb (installed separately), "
+                                           "wandb,tensorboard, all, or none (default tensorboard; open_clip's is "
+                                           "none)", choices=REPORT_TO)
+    wise_ft: list[float] = option([], "WiSE-FT: after training, interpolate the initial and the fine-tuned "
+                                      "weights at each alpha (0 = initial, 1 = fine-tuned), evaluate and save each "
+                                      "(see halo-embed wise-ft)")
     resume: str | None = option(None, "a checkpoint folder, or 'latest' (this run's)")
     eval_images: int = option(500, "validation images evaluated (and OOD images per set)")
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))
@@ -106,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configs_from_args(args: argparse.Namespace) -> list[FinetuneConfig]:
     """One config per requested loss (a comparison trains them in sequence, each in its own folder)."""
     losses = list(dict.fromkeys(args.loss if isinstance(args.loss, list) else [args.loss]))
+    if getattr(args, "siglip", False):
+        if "loss" in given_options(args) and losses != ["siglip"]:
+            raise ValueError(f"--siglip means --loss siglip; it cannot be combined with --loss {' '.join(losses)}")
+        losses = ["siglip"]
     configs = []
     for loss in losses:
         config = dataclass_from_args(FinetuneConfig, args, loss=loss)
@@ -122,9 +166,41 @@ def validate(config: FinetuneConfig) -> None:
     if config.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {list(LOSSES)}, got {config.loss!r}")
     for name in ("batch_size", "accum_freq", "epochs", "save_every", "log_every", "keep_checkpoints", "eval_images",
-                 "max_image_pixels"):
+                 "max_image_pixels", "zeroshot_images"):
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+            flag = "--log-every-n-steps" if name == "log_every" else f"--{name.replace('_', '-')}"
+            raise ValueError(f"{flag} must be >= 1, got {getattr(config, name)}")
+    for name in ("save_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    for tower in ("image", "text"):
+        partial = {"image": ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
+                   "text": ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm")}[tower]
+        given = [name for name in partial if getattr(config, name)]
+        if given and not getattr(config, f"lock_{tower}"):
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to a locked tower: add --lock-{tower}")
+    bad_alphas = [alpha for alpha in config.wise_ft if not (math.isfinite(alpha) and 0 <= alpha <= 1)]
+    if bad_alphas:
+        raise ValueError(f"--wise-ft alphas must be in [0, 1], got {bad_alphas[0]}")
+    if config.report_to not in REPORT_TO:
+        raise ValueError(f"--report-to must be one of {list(REPORT_TO)}, got {config.report_to!r}")
+    if "wandb" in config.report_to or config.report_to == "all":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"--report-to {config.report_to} needs wandb: pip install wandb (or --report-to "
+                             "tensorboard)")
+    if config.zeroshot_data is not None:
+        from ..clip.zeroshot import read_templates
+
+        if not Path(config.zeroshot_data).exists():
+            raise ValueError(f"--zeroshot-data {config.zeroshot_data} does not exist")
+        if config.zeroshot_classnames is not None and not Path(config.zeroshot_classnames).is_file():
+            raise ValueError(f"--zeroshot-classnames {config.zeroshot_classnames} is not a file")
+        try:
+            read_templates(config.zeroshot_templates)
+        except ValueError as error:
+            raise ValueError(f"--zeroshot-templates: {error}") from None
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
     if config.loss == "halo" and config.batch_size < 2:
@@ -135,5 +211,7 @@ def validate(config: FinetuneConfig) -> None:
         raise ValueError(f"--normalization-momentum must be in (0, 1], got {config.normalization_momentum}")
     if config.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {config.precision}")
-    if PRECISIONS[config.precision] == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--precision amp/fp16 needs a CUDA GPU; use amp_bf16 or fp32 on CPU")
+    if "fp16" in config.precision or config.precision == "amp":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--precision {config.precision} (float16) needs a CUDA GPU; use amp_bf16, bf16 or fp32 "
+                             "on CPU")

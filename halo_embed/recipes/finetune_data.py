@@ -106,3 +106,19 @@ def eval_data_for(config: FinetuneConfig):
         collection = ImageCollection(path, limit=config.eval_images)
         ood[collection.name] = collection
     return build_eval_data(source, config.eval_images, config.seed, ood, hard)
+
+
+def zeroshot_data_for(config: FinetuneConfig):
+    """``(ZeroShotData, OOD images)`` of ``--zeroshot-data`` (``None`` when not given)."""
+    from ..clip.zeroshot import load_zeroshot_data
+    from ..data.collections import ImageCollection
+
+    if config.zeroshot_data is None:
+        return None
+    data = load_zeroshot_data(config.zeroshot_data, config.zeroshot_classnames, limit=config.zeroshot_images,
+                              seed=config.seed)
+    ood = {}
+    for path in config.ood_data:
+        collection = ImageCollection(path, limit=config.eval_images)
+        ood[collection.name] = collection
+    return data, ood

@@ -8,9 +8,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .finetune_config import FinetuneConfig
-from .finetune_data import eval_data_for, source_kind
+from .finetune_data import eval_data_for, source_kind, zeroshot_data_for
 
-__all__ = ["evaluate_run", "headline", "write_comparison", "write_run_report"]
+__all__ = ["evaluate_run", "evaluate_zeroshot_for", "headline", "write_comparison", "write_run_report"]
+
+
+def evaluate_zeroshot_for(model, config: FinetuneConfig, device, data=None) -> dict[str, Any] | None:
+    """Zero-shot classification of ``--zeroshot-data`` (``None`` when not given); ``data`` from
+    :func:`~halo_embed.recipes.finetune_data.zeroshot_data_for` to reuse it."""
+    from ..clip.evaluate import view_of
+    from ..clip.zeroshot import evaluate_zeroshot
+
+    data = data if data is not None else zeroshot_data_for(config)
+    if data is None:
+        return None
+    images, ood = data
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_zeroshot(view_of(model), images, config.zeroshot_templates, device,
+                                 {name: [c[i] for i in range(len(c))] for name, c in ood.items()},
+                                 workers=config.workers)
+    finally:
+        model.train(was_training)
 
 
 def evaluate_run(model, config: FinetuneConfig, device) -> dict[str, Any]:
@@ -41,7 +61,26 @@ def headline(metrics: dict[str, Any], split: str = "val") -> dict[str, float]:
     flat["AUPR-in all mismatched"] = pooled["aupr_in"]
     flat["built-in threshold accuracy"] = pooled.get("builtin_threshold_accuracy")
     flat["tuned threshold accuracy"] = pooled["tuned_threshold_accuracy"]
+    if "zeroshot" in metrics:
+        for when in ("before", "after"):
+            flat[f"zero-shot top-1 {when}"] = metrics["zeroshot"][when]["top1"]
     return flat
+
+
+def _zeroshot_section(metrics: dict[str, Any]) -> str:
+    from ..eval import markdown_table
+
+    zeroshot = metrics["zeroshot"]
+    before, after = zeroshot["before"], zeroshot["after"]
+    rows = [[key, *("-" if r.get(key) is None else f"{100 * r[key]:.2f}" for r in (before, after))]
+            for key in ("top1", "top5", "abstain_rate", "accepted_top1") if key in before]
+    for name in before["ood"]:
+        rows.append([f"AUROC vs {name}", *(f"{100 * r['ood'][name]['auroc']:.2f}" for r in (before, after))])
+    rule = ("HALO's geometry: nearest prototype, the origin sink as abstain candidate"
+            if before["rule"] == "halo" else "cosine to each class prototype; OOD score MCM")
+    return (f"## Zero-shot classification ({before['images']} images, {before['classes']} classes, "
+            f"{before['templates']} template(s); {rule})\n\n"
+            + markdown_table(["metric", "before fine-tuning %", "after %"], rows))
 
 
 def _plots(run_dir: Path, name: str, result: dict[str, Any]) -> dict[str, str]:
@@ -81,6 +120,16 @@ def write_run_report(run_dir: Path, config: FinetuneConfig, metrics: dict[str, A
         sections.append(f"## {split}: retrieval\n\n" + side_by_side(
             {config.loss: result["retrieval"]}, [(k, k) for k in result["retrieval"]]))
         plots.update(_plots(run_dir, split.replace(" ", "_"), result))
+    if "zeroshot" in metrics:
+        sections.append(_zeroshot_section(metrics))
+    if "wise_ft" in metrics:
+        from .wise_ft import wise_ft_table
+
+        sweep = metrics["wise_ft"]
+        sections.append(f"## WiSE-FT (alpha 0 = before fine-tuning, 1 = after; checkpoints in {sweep['output']})\n\n"
+                        + wise_ft_table(sweep["alphas"]))
+        if sweep["alphas"][0]["zeroshot"] is not None:
+            plots["WiSE-FT trade-off"] = str(Path(sweep["output"]).relative_to(run_dir) / "wise_ft.png")
     return write_report(run_dir, f"Fine-tune with `{config.loss}`", _strip(metrics), sections, plots)
 
 
@@ -97,7 +146,14 @@ def write_comparison(configs: Sequence[FinetuneConfig], results: Sequence[dict[s
         sections.append(f"## {split}\n\n" + side_by_side(flats, [(k, k + (" %" if "accuracy" in k or "R@" in k
                                                                            or "AUROC" in k or "FPR" in k or "AUPR" in k else ""))
                                                                  for k in keys]))
+    plots = {f"{c.loss}: pair scores ({s})": f"{c.name}/{s.replace(' ', '_')}_pair_scores.png"
+             for c in configs for s in splits[:1]}
+    sweeps = {c.loss: r["wise_ft"]["alphas"] for c, r in zip(configs, results) if "wise_ft" in r}
+    if len(sweeps) == len(configs) and all(points[0]["zeroshot"] is not None for points in sweeps.values()):
+        from .wise_ft import tradeoff_plot
+
+        tradeoff_plot(root / "wise_ft_tradeoff.png", sweeps)
+        plots["WiSE-FT trade-off of each loss"] = "wise_ft_tradeoff.png"
     payload = {c.loss: _strip(r) for c, r in zip(configs, results)}
     return write_report(root, "Fine-tuning comparison: " + " vs ".join(c.loss for c in configs), payload, sections,
-                        {f"{c.loss}: pair scores ({s})": f"{c.name}/{s.replace(' ', '_')}_pair_scores.png"
-                         for c in configs for s in splits[:1]})
+                        plots)

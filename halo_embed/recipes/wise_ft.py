@@ -1,0 +1,156 @@
+"""WiSE-FT sweep over a fine-tuning run: for each alpha, the interpolated model's retrieval and rejection on
+the run's validation data, its zero-shot accuracy on ``--zeroshot-data``, and a checkpoint.
+
+    halo-embed finetune ... --zeroshot-data imagenet-val/ --wise-ft 0 0.25 0.5 0.75 1     # at the end of a run
+    halo-embed wise-ft runs/finetune-halo --alphas 0 0.25 0.5 0.75 1                      # on a finished run
+
+The run folder holds ``checkpoint-initial/`` (the model before the first
+step: for HALO after the adapter's calibration; written when the run was
+started with ``--wise-ft``) and ``checkpoint/`` (the fine-tuned model). The
+sweep writes ``<output>/alpha-<alpha>/`` (a checkpoint per alpha: for HALO the
+scorer loads it), ``wise_ft.json``, ``wise_ft.md`` and ``wise_ft.png`` (the
+trade-off between the fine-tuning task's mean recall and the zero-shot
+accuracy). An existing output folder is never overwritten: the next free name
+(``wise_ft-2`` ...) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .finetune_config import FinetuneConfig
+
+__all__ = ["mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
+
+INITIAL, FINETUNED = "checkpoint-initial", "checkpoint"
+
+
+def mean_recall(retrieval: dict[str, float]) -> float:
+    """The mean of R@1, R@5 and R@10 in both directions (one number for the trade-off plot)."""
+    keys = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+    return sum(retrieval[k] for k in keys) / len(keys)
+
+
+def run_config(run_dir: Path) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` a run folder was trained with (its ``config.json``)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a halo-embed finetune run folder")
+    saved = json.loads(path.read_text())
+    known = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.device = "cpu",
+          output: str | Path | None = None, config: FinetuneConfig | None = None) -> dict[str, Any]:
+    """Evaluate and save the WiSE-FT model of ``run_dir`` at each alpha; returns what ``wise_ft.json`` holds.
+
+    Raises:
+        FileNotFoundError: the run folder lacks ``config.json``, ``checkpoint-initial/`` or ``checkpoint/``.
+        ValueError: an alpha outside ``[0, 1]``, or no alpha.
+    """
+    from ..clip.checkpoint import load_model, save_checkpoint
+    from ..clip.evaluate import evaluate_alignment, view_of
+    from ..clip.wise_ft import interpolate_weights
+    from ..io import atomic_write_json, unused_path
+    from .finetune_data import eval_data_for, zeroshot_data_for
+    from .finetune_report import evaluate_zeroshot_for
+
+    run_dir = Path(run_dir)
+    alphas = sorted({float(a) for a in alphas})
+    if not alphas:
+        raise ValueError("alphas must name at least one alpha in [0, 1]")
+    if any(not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"alphas must be in [0, 1], got {alphas}")
+    config = config or run_config(run_dir)
+    for name in (INITIAL, FINETUNED):
+        if not (run_dir / name).is_dir():
+            hint = " (start the run with --wise-ft to keep the initial model)" if name == INITIAL else ""
+            raise FileNotFoundError(f"{run_dir / name} is missing{hint}")
+    initial, finetuned = load_model(run_dir / INITIAL, device), load_model(run_dir / FINETUNED, device)
+    output = unused_path(Path(output) if output else run_dir / "wise_ft")
+    output.mkdir(parents=True)
+    eval_data, zeroshot_data = eval_data_for(config), zeroshot_data_for(config)
+    points = []
+    for alpha in alphas:
+        model = interpolate_weights(initial, finetuned, alpha).eval()
+        result = evaluate_alignment(view_of(model), eval_data, device)
+        point: dict[str, Any] = {
+            "alpha": alpha, "retrieval": result["retrieval"], "mean_recall": mean_recall(result["retrieval"]),
+            "auroc_all_mismatched": result["rejection"]["all mismatched"]["auroc"],
+            "builtin_threshold_accuracy": result["rejection"]["all mismatched"].get("builtin_threshold_accuracy"),
+            "zeroshot": evaluate_zeroshot_for(model, config, device, zeroshot_data),
+            "checkpoint": f"alpha-{alpha:.2f}",
+        }
+        save_checkpoint(model, output / point["checkpoint"], extra={"wise_ft_alpha": alpha, "run": str(run_dir)})
+        points.append(point)
+        zeroshot = point["zeroshot"]
+        print(f"WiSE-FT alpha {alpha:.2f}: mean recall {100 * point['mean_recall']:.2f} %"
+              + (f", zero-shot top-1 {100 * zeroshot['top1']:.2f} %" if zeroshot else ""), flush=True)
+    payload = {"run": str(run_dir), "loss": config.loss, "output": str(output), "alphas": points}
+    atomic_write_json(output / "wise_ft.json", payload)
+    _write_report(output, config, points)
+    return payload
+
+
+def wise_ft_table(points: list[dict[str, Any]]) -> str:
+    """The sweep as a markdown table, one row per alpha."""
+    from ..eval import markdown_table
+
+    has_zeroshot = points[0]["zeroshot"] is not None
+    rows = []
+    for p in points:
+        r = p["retrieval"]
+        row = [f"{p['alpha']:.2f}", f"{100 * p['mean_recall']:.2f}", f"{100 * r['image_to_text_R@1']:.2f}",
+               f"{100 * r['text_to_image_R@1']:.2f}", f"{100 * p['auroc_all_mismatched']:.2f}"]
+        if has_zeroshot:
+            z = p["zeroshot"]
+            row += [f"{100 * z['top1']:.2f}", f"{100 * z['top5']:.2f}",
+                    "-" if z.get("abstain_rate") is None else f"{100 * z['abstain_rate']:.1f}"]
+        rows.append(row)
+    header = ["alpha", "mean recall %", "R@1 i->t %", "R@1 t->i %", "AUROC mismatched %"]
+    if has_zeroshot:
+        header += ["zero-shot top-1 %", "zero-shot top-5 %", "zero-shot abstain %"]
+    return markdown_table(header, rows)
+
+
+def _write_report(output: Path, config: FinetuneConfig, points: list[dict[str, Any]]) -> None:
+    from ..io import atomic_write_text
+
+    text = (f"# WiSE-FT: `{config.loss}`\n\nalpha 0 = the model before fine-tuning, 1 = after; validation data "
+            f"`{config.val_data or config.train_data}`, zero-shot data `{config.zeroshot_data}`.\n\n"
+            + wise_ft_table(points) + "\n")
+    if points[0]["zeroshot"] is not None:
+        tradeoff_plot(output / "wise_ft.png", {config.loss: points})
+        text += "\n![trade-off](wise_ft.png)\n"
+    atomic_write_text(output / "wise_ft.md", text)
+
+
+def tradeoff_plot(path: Path, curves: dict[str, list[dict[str, Any]]]) -> Path:
+    """Fine-tuning mean recall vs zero-shot top-1, one line per sweep (alpha annotated)."""
+    from ..eval.plots import tradeoff_curves
+
+    points = {label: [(100 * p["mean_recall"], 100 * p["zeroshot"]["top1"], f"{p['alpha']:g}") for p in sweep]
+              for label, sweep in curves.items()}
+    return tradeoff_curves(points, path, "fine-tuning task: mean recall (R@1/5/10 both ways) %", "zero-shot top-1 %",
+                           "WiSE-FT trade-off (alpha annotated)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a halo-embed finetune run folder (with checkpoint-initial/ and checkpoint/)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="interpolation weights of the fine-tuned model, in [0, 1] (default: 0 0.25 0.5 0.75 1)")
+    parser.add_argument("--output", help="output folder (default: <run>/wise_ft, or the next free name)")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sweep(args.run, args.alphas, device, args.output)
+    return 0
