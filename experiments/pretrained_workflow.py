@@ -15,8 +15,8 @@ No pretrained CLIP can be downloaded here, so this script first makes one:
    initial weights, data, steps and seed), ``--zeroshot-data`` on the held-out Tiny-ImageNet images
    (zero-shot top-1 before the first step and at the end) and ``--wise-ft`` over 5 alphas (each alpha's
    Flickr retrieval and zero-shot accuracy, a checkpoint per alpha).
-3. **Report** (``report``): one table and one trade-off plot (Flickr mean recall vs zero-shot top-1) with
-   both losses' WiSE-FT curves, written to ``<out>/report.md`` and ``<out>/wise_ft_tradeoff.png``.
+3. **Report** (``report``): each loss's WiSE-FT table and one trade-off plot (Flickr mean recall vs zero-shot
+   top-1) with both curves, written to ``<out>/report.md`` and ``<out>/wise_ft_tradeoff.png``.
 
 Usage (``all`` runs the three stages; a stage whose output exists is skipped, so an interrupted run is
 continued by running the same command again):
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -247,45 +246,20 @@ def finetune(args) -> None:
 
 
 def report(args) -> None:
-    from halo_embed.eval import markdown_table
     from halo_embed.io import atomic_write_text
+    from halo_embed.recipes.wise_ft import tradeoff_plot, wise_ft_table
 
     root = Path(args.out)
     pre = json.loads((root / "pretrained" / "pretrain.json").read_text())
-    rows, curves = [], {}
-    for loss in args.losses:
-        sweep = json.loads((root / "finetune" / loss / "wise_ft" / "wise_ft.json").read_text())
-        curves[loss] = sweep["alphas"]
-        for point in sweep["alphas"]:
-            rows.append([loss, f"{point['alpha']:.2f}", f"{100 * point['mean_recall']:.2f}",
-                         f"{100 * point['retrieval']['image_to_text_R@1']:.2f}",
-                         f"{100 * point['retrieval']['text_to_image_R@1']:.2f}",
-                         f"{100 * point['zeroshot']['top1']:.2f}",
-                         "-" if point["zeroshot"].get("abstain_rate") is None
-                         else f"{100 * point['zeroshot']['abstain_rate']:.1f}"])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for loss, points in curves.items():
-        xs = [100 * p["mean_recall"] for p in points]
-        ys = [100 * p["zeroshot"]["top1"] for p in points]
-        ax.plot(xs, ys, marker="o", label=loss)
-        for p, x, y in zip(points, xs, ys):
-            ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("Flickr8k-1000 val: mean recall (R@1/5/10 both ways) %")
-    ax.set_ylabel("Tiny-ImageNet held-out: zero-shot top-1 %")
-    ax.set_title("WiSE-FT: fine-tuned vs kept (alpha annotated)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "wise_ft_tradeoff.png", dpi=120)
-    text = (f"# Pretrained-CLIP workflow in miniature\n\nPretrained model: zero-shot top-1 "
-            f"{100 * pre['zeroshot']['top1']:.2f} % (cosine) on {pre['zeroshot']['images']} held-out images.\n\n"
-            + markdown_table(["loss", "alpha", "Flickr mean recall %", "R@1 i->t %", "R@1 t->i %",
-                              "zero-shot top-1 %", "abstain %"], rows)
-            + "\n\n![trade-off](wise_ft_tradeoff.png)\n")
+    sweeps = {loss: json.loads((root / "finetune" / loss / "wise_ft" / "wise_ft.json").read_text())["alphas"]
+              for loss in args.losses}
+    tradeoff_plot(root / "wise_ft_tradeoff.png", sweeps)
+    sections = [f"# Pretrained-CLIP workflow in miniature\n\nPretrained model: zero-shot top-1 "
+                f"{100 * pre['zeroshot']['top1']:.2f} % (cosine) on {pre['zeroshot']['images']} held-out "
+                f"Tiny-ImageNet images ({pre['zeroshot']['classes']} classes); Flickr8k-1000 validation: 200 images."]
+    for loss, points in sweeps.items():
+        sections.append(f"## {loss}\n\n" + wise_ft_table(points))
+    text = "\n\n".join(sections) + "\n\n![trade-off](wise_ft_tradeoff.png)\n"
     atomic_write_text(root / "report.md", text)
     print(text)
 

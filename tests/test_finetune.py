@@ -129,9 +129,9 @@ def test_accumulation_steps_once_per_group(tmp_path, tiny_model_dirs):
     train(config)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
-    # warm-up of 4 steps: after step s the learning rate is lr * (s + 1) / 4 (a scheduler step per micro-batch
-    # would be 2 s + 1)
-    assert [r["lr"] for r in log] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 3 / 4, 1e-3 * 4 / 4])
+    # warm-up of 4 steps: step s uses the learning rate lr * s / 4 (a scheduler step per micro-batch would give
+    # lr * (2 s - 1) / 4)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * 1 / 4, 1e-3 * 2 / 4, 1e-3 * 3 / 4])
     position = json.loads((tmp_path / "run" / "checkpoints" / "step-0000003" / "progress.json").read_text())
     assert (position["step"], position["epoch"], position["batches_in_epoch"]) == (3, 0, 6)
 

@@ -180,6 +180,11 @@ def test_wise_ft_command_errors_are_one_line(tmp_path, tiny_model_dirs, zeroshot
         assert main(["wise-ft", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+    # a run started without --wise-ft cannot sweep on resume: said before any step, not after training
+    with pytest.raises(AssertionError):
+        run_finetune(tmp_path, tiny_model_dirs["open_clip_local_dir"], zeroshot_folder, "halo", "--resume", "latest",
+                     "--wise-ft", "0.5")
+    assert "has no checkpoint-initial/ (the run was started without --wise-ft)" in capsys.readouterr().err
 
 
 def test_open_clip_flags_are_validated_in_one_line(tmp_path, capsys, zeroshot_folder):
@@ -303,3 +308,37 @@ def test_save_frequency_and_report_to(tmp_path, tiny_model_dirs):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", f"step-{steps // 2:07d}",
                                                                        f"step-{steps:07d}"]
     assert not (run / "tensorboard").exists()
+
+
+def test_clip_baseline_follows_open_clip_trainer(tiny_model_dirs, tmp_path, capsys):
+    """Parity details with open_clip_train: the temperature of a scale at 100 still learns (clamped after the
+    step, not in the forward pass), its weight-decay rule, and --grad-clip-norm none."""
+    import argparse
+    import math
+
+    from halo_embed.cli import main
+    from halo_embed.clip import ContrastiveCLIP, load_backbone, parameter_groups
+    from halo_embed.recipes.finetune_config import add_arguments, configs_from_args
+
+    backbone = load_backbone("open_clip", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}")
+    model = ContrastiveCLIP(backbone, "clip")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # where pretrained OpenAI CLIP ends
+    images = torch.randn(4, 3, *backbone.model.visual.image_size)
+    model(images, backbone.tokenize(["a", "b", "c", "d"])).backward()
+    assert float(model.logit_scale.grad.abs()) > 0
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    model.clamp_logit_scale()
+    assert float(model.logit_scale) == pytest.approx(math.log(100.0))
+
+    decay, no_decay = (set(map(id, g["params"])) for g in parameter_groups(model, 0.1))
+    named = dict(model.named_parameters())
+    assert id(named["backbone.model.positional_embedding"]) in decay  # 2-D: decayed, as open_clip does
+    assert id(named["backbone.model.ln_final.weight"]) in no_decay and id(named["backbone.model.logit_scale"]) in no_decay
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert configs_from_args(parser.parse_args(["--grad-clip-norm", "none", "--logs", str(tmp_path)]))[0].grad_clip_norm is None
+    assert main(["finetune", "--grad-clip-norm", "-1", "--logs", str(tmp_path / "runs")]) == 2
+    assert "--grad-clip-norm must be >= 0 or none, got -1.0" in capsys.readouterr().err

@@ -18,9 +18,9 @@ from .._validation import check_choice, check_int
 
 __all__ = ["ContrastiveCLIP", "parameter_groups"]
 
-#: parameter names that get no weight decay (besides every parameter with fewer than 2 dimensions)
-NO_DECAY_WORDS = ("bias", "norm", "ln_", "bn", "logit_scale", "logit_bias", "gamma", "positional_embedding",
-                  "class_embedding")
+#: parameter names that get no weight decay besides every parameter with fewer than 2 dimensions: open_clip
+#: trainer's rule (open_clip_train/main.py), plus HALO's temperature
+NO_DECAY_WORDS = ("bn", "ln", "bias", "logit_scale", "gamma")
 
 
 class ContrastiveCLIP(nn.Module):
@@ -63,12 +63,19 @@ class ContrastiveCLIP(nn.Module):
         """The log temperature (``exp`` is the scale applied to cosines, capped at 100)."""
         return self.backbone.model.logit_scale
 
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the scale in ``[1, 100]`` after an optimizer step (open_clip_train clamps the parameter to
+        ``[0, ln 100]``; a clamp in the forward pass instead would stop the gradient of a pretrained CLIP whose
+        scale sits at 100, freezing its temperature)."""
+        self.logit_scale.clamp_(0, math.log(100))
+
     def forward(self, pixel_values: Tensor, tokens: Any, image_ids: Tensor | None = None,
                 return_parts: bool = False):
         """The loss of ``B`` pairs (``image_ids`` is accepted for HALOCLIP's signature and unused)."""
         images = nn.functional.normalize(self.backbone.encode_image(pixel_values).float(), dim=-1)
         texts = nn.functional.normalize(self.backbone.encode_text(tokens).float(), dim=-1)
-        scale = self.logit_scale.float().exp().clamp(max=100.0)
+        scale = self.logit_scale.float().exp()  # bounded by clamp_logit_scale after each step, as open_clip does
         if self.loss_name == "siglip":
             loss = self.loss(images, texts, scale, self.logit_bias)
         else:
@@ -79,8 +86,9 @@ class ContrastiveCLIP(nn.Module):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: ``weight_decay`` on weight matrices, none on gains, biases, norms, temperatures and the
-    positional / class embeddings (as open_clip's trainer does). Frozen parameters are left out."""
+    """AdamW groups: ``weight_decay`` on every parameter with 2 or more dimensions, none on the others (gains,
+    biases, norms, the class embedding) nor on names with ``bn``, ``ln``, ``bias``, ``logit_scale`` (open_clip
+    trainer's rule) or ``gamma`` (HALO's temperature). Frozen parameters are left out."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:

@@ -32,8 +32,9 @@ Method, in order:
    warm-up then cosine decay; gradient clipping; mixed precision from
    Accelerate; gradient accumulation over ``--accum-freq`` micro-batches
    (``accelerator.accumulate``), each micro-batch contrasting only its own
-   pairs (its negatives do not cross micro-batches, as in open_clip without
-   feature caching).
+   pairs (its negatives do not cross micro-batches; open_clip_train caches
+   the features of a group so that they do). CLIP's logit scale is clamped
+   to ``[0, ln 100]`` after each step, as open_clip_train does.
 5. Checkpoints every ``--save-every`` steps and at the end (written to a
    temporary folder and renamed); ``--resume`` restores model, optimizer,
    scheduler, RNG state and the position in the data.
@@ -129,6 +130,9 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", asdict(config))
     resume_dir = resolve_resume(config.resume, run_dir) if config.resume else None
+    if config.wise_ft and resume_dir is not None and not (run_dir / "checkpoint-initial").is_dir():
+        raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no checkpoint-initial/ "
+                         "(the run was started without --wise-ft); resume without it")
     if config.loss == "halo" and resume_dir is None:
         batches = calibration_batches(config, train_source, model.backbone)
         stats = model.calibrate(batches)
@@ -166,7 +170,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         save_checkpoint(unwrapped, run_dir / "checkpoint", extra={"step": position.step, "config": asdict(config)})
         metrics.update(evaluate_run(unwrapped, config, accelerator.device))
         if zeroshot_data is not None:
-            metrics["zeroshot"] = {"before": json.loads((run_dir / ZEROSHOT_BEFORE).read_text()),
+            before = run_dir / ZEROSHOT_BEFORE  # missing when --zeroshot-data was first given on a resume
+            metrics["zeroshot"] = {"before": json.loads(before.read_text()) if before.is_file() else None,
                                    "after": evaluate_zeroshot_for(unwrapped, config, accelerator.device, zeroshot_data)}
         if config.wise_ft:
             from .wise_ft import sweep
@@ -219,14 +224,18 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
                     continue  # gradients of this micro-batch are accumulated, not yet synchronised or applied
                 if config.grad_clip_norm:
                     meter.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged)
                 optimizer.step()
+                unwrapped = accelerator.unwrap_model(model)
+                if hasattr(unwrapped, "clamp_logit_scale"):
+                    unwrapped.clamp_logit_scale()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             position.step += 1
             meter.end_step()
             bar.update(1)
             if position.step % config.log_every == 0 or position.step == total_steps:
-                record = {"step": position.step, "epoch": position.epoch, "lr": scheduler.get_last_lr()[0],
+                record = {"step": position.step, "epoch": position.epoch, "lr": step_lr,
                           "skipped_images": position.skipped_images, **meter.flush(accelerator)}
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=position.step)
                 log.write(record)

@@ -30,6 +30,16 @@ PRECISIONS = {"fp32": ("no", None), "amp": ("fp16", None), "amp_bf16": ("bf16", 
 REPORT_TO = ("tensorboard", "wandb", "wandb,tensorboard", "tensorboard,wandb", "all", "none")
 
 
+def optional_float(text: str) -> float | None:
+    """A number, or ``none`` for no value (argparse type)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 @dataclass
 class FinetuneConfig:
     """The recipe's options and their defaults."""
@@ -69,20 +79,23 @@ class FinetuneConfig:
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "larger training images count as broken (PIL's bomb limit)")
     workers: int = option(0, "DataLoader worker processes")
     # optimisation
-    loss: str = option("halo", "one loss, or several to compare (same initial weights, data and seed)",
+    loss: str = option("halo", "one loss, or several to compare (same initial weights, data and seed); halo-embed's own option "
+                                "(open_clip_train: CLIP, or --siglip)",
                        choices=LOSSES, nargs="+")
     siglip: bool = option(False, "open_clip's spelling of --loss siglip")
     epochs: int = option(5, "passes over the training data")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs; halo-embed's own option)")
     batch_size: int = option(64, "pairs per process and micro-batch")
-    accum_freq: int = option(1, "micro-batches per optimizer step (each contrasts only its own pairs)")
+    accum_freq: int = option(1, "micro-batches per optimizer step; each contrasts only its own pairs (open_clip "
+                                "caches a group's features so that negatives cross micro-batches)")
     lr: float = option(5e-4, "peak learning rate")
     wd: float = option(0.1, "AdamW weight decay (none on gains, biases and temperatures)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     warmup: int = option(50, "linear warm-up steps before the cosine decay")
-    grad_clip_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
+    grad_clip_norm: float | None = option(1.0, "clip the gradient norm to this; 'none' or 0: no clipping "
+                                               "(default 1.0; open_clip's is none)", type=optional_float)
     precision: str = option("fp32", "open_clip's meanings: amp (fp16 autocast, CUDA) / amp_bf16 autocast with "
                                     "fp32 weights; fp16 / bf16 half-precision layer weights; pure_fp16 / pure_bf16 "
                                     "the whole model in half precision; fp32 (default fp32; open_clip's is amp)",
@@ -119,10 +132,12 @@ class FinetuneConfig:
     logs: str = option("runs", "folder for run folders (open_clip's name; --output is the same, and torchrun-safe)",
                        flags=("--logs", "--output"))
     name: str | None = option(None, "run folder name (default: finetune-<loss>, or finetune-compare)")
-    save_every: int = option(200, "save a resumable checkpoint every this many steps (and at the end)")
+    save_every: int = option(200, "save a resumable checkpoint every this many steps (and at the end); halo-embed's own "
+                                 "option, open_clip saves per epoch (--save-frequency)")
     save_frequency: int = option(0, "also save one at the end of every n epochs (open_clip's option; default 0: "
                                     "only --save-every)")
-    keep_checkpoints: int = option(2, "resumable checkpoints kept")
+    keep_checkpoints: int = option(2, "resumable checkpoints kept (halo-embed's own option; open_clip keeps every epoch's or, with "
+                                     "--delete-previous-checkpoint, one)")
     log_every: int = option(10, "log.jsonl / tracker record every this many steps (default 10; open_clip's 100)",
                             flags=("--log-every-n-steps", "--log-every"))
     report_to: str = option("tensorboard", "trackers: tensorboard, wandb (installed separately), "
@@ -132,7 +147,8 @@ class FinetuneConfig:
                                       "weights at each alpha (0 = initial, 1 = fine-tuned), evaluate and save each "
                                       "(see halo-embed wise-ft)")
     resume: str | None = option(None, "a checkpoint folder, or 'latest' (this run's)")
-    eval_images: int = option(500, "validation images evaluated (and OOD images per set)")
+    eval_images: int = option(500, "validation images evaluated (and OOD images per set; halo-embed's own option, open_clip: "
+                                   "--val-num-samples)")
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))
 
     def run_dir(self) -> Path:
@@ -205,6 +221,8 @@ def validate(config: FinetuneConfig) -> None:
         raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
     if config.loss == "halo" and config.batch_size < 2:
         raise ValueError("--batch-size must be >= 2 for HALO (each image needs other captions to compete with)")
+    if config.grad_clip_norm is not None and not config.grad_clip_norm >= 0:
+        raise ValueError(f"--grad-clip-norm must be >= 0 or none, got {config.grad_clip_norm}")
     if config.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {config.lr}")
     if not 0 < config.normalization_momentum <= 1:

@@ -63,23 +63,24 @@ def headline(metrics: dict[str, Any], split: str = "val") -> dict[str, float]:
     flat["tuned threshold accuracy"] = pooled["tuned_threshold_accuracy"]
     if "zeroshot" in metrics:
         for when in ("before", "after"):
-            flat[f"zero-shot top-1 {when}"] = metrics["zeroshot"][when]["top1"]
+            flat[f"zero-shot top-1 {when}"] = (metrics["zeroshot"][when] or {}).get("top1")
     return flat
 
 
 def _zeroshot_section(metrics: dict[str, Any]) -> str:
     from ..eval import markdown_table
 
-    zeroshot = metrics["zeroshot"]
-    before, after = zeroshot["before"], zeroshot["after"]
+    after = metrics["zeroshot"]["after"]
+    before = metrics["zeroshot"]["before"] or {"ood": {}}  # not measured when given only on a resume
     rows = [[key, *("-" if r.get(key) is None else f"{100 * r[key]:.2f}" for r in (before, after))]
-            for key in ("top1", "top5", "abstain_rate", "accepted_top1") if key in before]
-    for name in before["ood"]:
-        rows.append([f"AUROC vs {name}", *(f"{100 * r['ood'][name]['auroc']:.2f}" for r in (before, after))])
+            for key in ("top1", "top5", "abstain_rate", "accepted_top1") if key in after]
+    for name in after["ood"]:
+        rows.append([f"AUROC vs {name}", *("-" if name not in r["ood"] else f"{100 * r['ood'][name]['auroc']:.2f}"
+                                           for r in (before, after))])
     rule = ("HALO's geometry: nearest prototype, the origin sink as abstain candidate"
-            if before["rule"] == "halo" else "cosine to each class prototype; OOD score MCM")
-    return (f"## Zero-shot classification ({before['images']} images, {before['classes']} classes, "
-            f"{before['templates']} template(s); {rule})\n\n"
+            if after["rule"] == "halo" else "cosine to each class prototype; OOD score MCM")
+    return (f"## Zero-shot classification ({after['images']} images, {after['classes']} classes, "
+            f"{after['templates']} template(s); {rule})\n\n"
             + markdown_table(["metric", "before fine-tuning %", "after %"], rows))
 
 
