@@ -30,6 +30,8 @@ GRID = {
     "lr3e-4-image-last2": "--lr 3e-4 --warmup 20 --lock-image --lock-image-unlocked-groups 2",
     "lr1e-4-6ep": "--lr 1e-4 --warmup 20 --epochs 6",
 }
+#: what one session could run (about 25 minutes); the others with --settings
+DEFAULT_SETTINGS = ["lr3e-5", "lr1e-4", "lr3e-4", "lr1e-4-image-last2"]
 
 
 def main(argv=None) -> None:
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workflow", default=str(REPO / "runs" / "workflow"), help="pretrained_workflow.py's --out")
     parser.add_argument("--out", default=str(REPO / "runs" / "small_data"))
     parser.add_argument("--losses", nargs="+", default=["halo"])
-    parser.add_argument("--settings", nargs="+", default=list(GRID), choices=list(GRID))
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(GRID))
     args = parser.parse_args(argv)
     workflow, out = Path(args.workflow), Path(args.out)
     pretrained, flickr, zeroshot = workflow / "pretrained", workflow / "flickr", workflow / "zeroshot"
