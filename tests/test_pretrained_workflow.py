@@ -342,3 +342,20 @@ def test_clip_baseline_follows_open_clip_trainer(tiny_model_dirs, tmp_path, caps
     assert configs_from_args(parser.parse_args(["--grad-clip-norm", "none", "--logs", str(tmp_path)]))[0].grad_clip_norm is None
     assert main(["finetune", "--grad-clip-norm", "-1", "--logs", str(tmp_path / "runs")]) == 2
     assert "--grad-clip-norm must be >= 0 or none, got -1.0" in capsys.readouterr().err
+
+
+def test_small_data_preset_fills_what_was_not_given(tmp_path):
+    import argparse
+
+    from halo_embed.recipes.finetune_config import PRESETS, add_arguments, configs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (config,) = configs_from_args(parser.parse_args(["--preset", "small-data", "--logs", str(tmp_path)]))
+    for key, value in PRESETS["small-data"].items():
+        assert getattr(config, key) == value, key
+    (config,) = configs_from_args(parser.parse_args(["--preset", "small-data", "--lr=2e-5", "--epochs", "9",
+                                                     "--logs", str(tmp_path)]))
+    assert (config.lr, config.epochs) == (2e-5, 9)  # given explicitly: kept
+    (config,) = configs_from_args(parser.parse_args(["--logs", str(tmp_path)]))
+    assert config.lr == 5e-4 and config.preset is None

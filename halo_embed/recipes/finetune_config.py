@@ -27,6 +27,12 @@ LOSSES = ("halo", "clip", "siglip")
 PRECISIONS = {"fp32": ("no", None), "amp": ("fp16", None), "amp_bf16": ("bf16", None),
               "amp_bfloat16": ("bf16", None), "fp16": ("no", "fp16"), "bf16": ("no", "bf16"),
               "pure_fp16": ("no", "pure_fp16"), "pure_bf16": ("no", "pure_bf16")}
+#: --preset: settings measured for one situation; options given on the command line win (README has the numbers)
+PRESETS: dict[str, dict[str, object]] = {
+    # a pretrained CLIP on a few hundred to a few thousand pairs: experiments/small_data_preset.py on Flickr8k-1000
+    "small-data": {"lr": 3e-4, "warmup": 20, "epochs": 3, "batch_size": 64, "lock_image": True,
+                   "lock_image_unlocked_groups": 2},
+}
 REPORT_TO = ("tensorboard", "wandb", "wandb,tensorboard", "tensorboard,wandb", "all", "none")
 
 
@@ -44,6 +50,9 @@ def optional_float(text: str) -> float | None:
 class FinetuneConfig:
     """The recipe's options and their defaults."""
 
+    preset: str | None = option(None, "small-data: a pretrained CLIP on a few hundred to a few thousand pairs "
+                                      "(measured settings, see README); options given explicitly win",
+                                choices=tuple(PRESETS))
     # model
     family: str = option("open_clip", "the model's library", choices=("open_clip", "transformers"))
     model: str = option("halo-tiny-vit", "open_clip architecture (or hf-hub:/local-dir:/config .json), "
@@ -166,9 +175,12 @@ def configs_from_args(args: argparse.Namespace) -> list[FinetuneConfig]:
         if "loss" in given_options(args) and losses != ["siglip"]:
             raise ValueError(f"--siglip means --loss siglip; it cannot be combined with --loss {' '.join(losses)}")
         losses = ["siglip"]
+    given = given_options(args)
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
     configs = []
     for loss in losses:
-        config = dataclass_from_args(FinetuneConfig, args, loss=loss)
+        config = dataclass_from_args(FinetuneConfig, args, loss=loss,
+                                     **{k: v for k, v in preset.items() if k not in given})
         if len(losses) > 1:
             base = Path(config.logs) / (config.name or "finetune-compare")
             config.logs, config.name = str(base), loss
