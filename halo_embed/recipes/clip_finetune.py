@@ -70,6 +70,8 @@ __all__ = ["FinetuneConfig", "build_model", "main", "run", "train"]
 #: --report-to -> accelerate's log_with
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "wandb,tensorboard": ["wandb", "tensorboard"],
             "tensorboard,wandb": ["wandb", "tensorboard"], "all": ["wandb", "tensorboard"], "none": None}
+#: the zero-shot result of the model a run starts from, in its run folder (read again at the end, after a resume)
+ZEROSHOT_BEFORE = "zeroshot_before.json"
 
 
 def check_run_folder(config: FinetuneConfig) -> None:
@@ -180,9 +182,6 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         write_run_report(run_dir, config, metrics)
     accelerator.end_training()
     return metrics
-
-
-ZEROSHOT_BEFORE = "zeroshot_before.json"
 
 
 def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data) -> None:
