@@ -4,6 +4,8 @@ The CUDA cases are skipped without a GPU; their CPU twins run the same code
 everywhere, so the checks themselves are exercised by ``make test``.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -95,3 +97,29 @@ def test_gpu_faiss_finds_the_cpu_neighbours():
         cpu = VectorIndex(base, metric, "faiss", use_gpu=False)
         assert gpu.on_gpu and not cpu.on_gpu
         assert torch.equal(gpu.search(queries, 10).indices, cpu.search(queries, 10).indices)
+
+
+def test_amp_bf16_finetune_resume_replays_exactly(tmp_path, tiny_model_dirs):
+    """Five fine-tune steps with --precision amp_bf16 == three, stop, resume, two more (bit for bit), on the
+    device the recipe picks: CUDA where present (its RNG state is part of the checkpoint), else the CPU."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from halo_embed.recipes.clip_finetune import FinetuneConfig, train
+
+    def config(name, **overrides):
+        return FinetuneConfig(model=f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", shapes_train_images=48,
+                              shapes_val_images=24, batch_size=8, max_steps=5, save_every=3, log_every=1,
+                              eval_images=24, warmup=2, calibration_samples=16, logs=str(tmp_path), name=name,
+                              progress=False, lr=1e-3, precision="amp_bf16", report_to="none", **overrides)
+
+    train(config("straight"))
+    train(config("resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step-0000003")))
+    a, b = (load_file(str(tmp_path / name / "checkpoint" / "model.safetensors")) for name in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+              for name in ("straight", "resumed")}
+    assert losses["resumed"] == losses["straight"][3:] and all(math.isfinite(v) for v in losses["straight"])
