@@ -114,8 +114,15 @@ def test_amp_bf16_finetune_resume_replays_exactly(tmp_path, tiny_model_dirs):
                               eval_images=24, warmup=2, calibration_samples=16, logs=str(tmp_path), name=name,
                               progress=False, lr=1e-3, precision="amp_bf16", report_to="none", **overrides)
 
-    train(config("straight"))
-    train(config("resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step-0000003")))
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one mixed-precision setting per process: the other tests' fp32 runs set it first
+    AcceleratorState._reset_state()
+    try:
+        train(config("straight"))
+        train(config("resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step-0000003")))
+    finally:
+        AcceleratorState._reset_state()  # and the tests after this one run in fp32 again
     a, b = (load_file(str(tmp_path / name / "checkpoint" / "model.safetensors")) for name in ("straight", "resumed"))
     assert a.keys() == b.keys()
     for key in a:
