@@ -200,14 +200,30 @@ def build_eval_data(
     )
 
 
+class _ImageItems(torch.utils.data.Dataset):
+    """PIL images or image paths (decoded in the loader's workers), transformed for the model."""
+
+    def __init__(self, images: Sequence[Any], transform: Callable) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from ..data.images import load_image
+
+        image = self.images[index]
+        return self.transform(image.convert("RGB") if hasattr(image, "convert") else load_image(image))
+
+
 @torch.no_grad()
-def _embed_images(view, images: Sequence[Any], transform: Callable, device, batch_size: int) -> Tensor:
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(im.convert("RGB") if hasattr(im, "convert") else im)
-                              for im in images[start : start + batch_size]])
-        out.append(view.encode_images(pixels.to(device)).float().cpu())
-    return torch.cat(out)
+def _embed_images(view, images: Sequence[Any], transform: Callable, device, batch_size: int,
+                  workers: int = 0) -> Tensor:
+    """``(N, D)`` embeddings of PIL images or image paths, in order."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_ImageItems(images, transform), batch_size=batch_size, num_workers=workers)
+    return torch.cat([view.encode_images(pixels.to(device)).float().cpu() for pixels in loader])
 
 
 @torch.no_grad()
@@ -230,11 +246,8 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
     where the model has a decision rule, ``tuned_threshold_accuracy`` with the
     threshold chosen on the tune half), and ``scores`` (per set, for plots).
     """
-    from ..data.images import load_image
-
     transform = view.backbone.image_transform(train=False)
-    load = lambda items: [load_image(i) if not hasattr(i, "convert") else i for i in items]  # noqa: E731
-    image_emb = _embed_images(view, load(data.images), transform, device, batch_size)
+    image_emb = _embed_images(view, data.images, transform, device, batch_size)
     text_emb = _embed_texts(view, data.texts, device, batch_size)
     ood_emb = {name: _embed_images(view, imgs, transform, device, batch_size) for name, imgs in data.ood_images.items()}
 

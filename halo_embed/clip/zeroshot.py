@@ -33,7 +33,6 @@ from torch import Tensor
 
 from .. import geometry
 from .._validation import check_int
-from .backbones import move_tokens
 from .prototype import DEFAULT_TEMPLATES
 
 __all__ = ["ZeroShotData", "class_prototypes", "evaluate_zeroshot", "load_zeroshot_data",
@@ -147,36 +146,13 @@ def load_zeroshot_data(path: str | Path, classnames: str | Path | None = None, l
 def class_prototypes(view, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                      device: str | torch.device = "cpu", batch_size: int = 256) -> Tensor:
     """``(C, D)`` class prototypes in the view's geometry (see the module docstring)."""
+    from .evaluate import _embed_texts
+
     prompts = [t.format(name) for name in classnames for t in templates]
-    features = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = move_tokens(view.backbone.tokenize(prompts[start : start + batch_size]), device)
-        features.append(view.encode_texts(tokens).float().cpu())
-    per_template = torch.cat(features).view(len(classnames), len(templates), -1)
+    per_template = _embed_texts(view, prompts, device, batch_size).view(len(classnames), len(templates), -1)
     if view.metric == "cosine":
         return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
     return per_template.mean(dim=1)
-
-
-@torch.no_grad()
-def _embed(view, images: Sequence[Any], device, batch_size: int, workers: int) -> Tensor:
-    from torch.utils.data import DataLoader
-
-    from ..data.images import load_image
-
-    transform = view.backbone.image_transform(train=False)
-
-    class _Images(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int) -> Tensor:
-            image = images[i]
-            return transform(image.convert("RGB") if hasattr(image, "convert") else load_image(image))
-
-    out = [view.encode_images(pixels.to(device)).float().cpu()
-           for pixels in DataLoader(_Images(), batch_size=batch_size, num_workers=workers)]
-    return torch.cat(out)
 
 
 def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAULT_TEMPLATES,
@@ -203,9 +179,13 @@ def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAU
     if not isinstance(data, ZeroShotData):
         raise TypeError(f"data must be a ZeroShotData, got {type(data).__name__}")
     templates = read_templates(templates)
+    from .evaluate import _embed_images
+
     prototypes = class_prototypes(view, data.classnames, templates, device, batch_size)
-    images = _embed(view, data.images, device, batch_size, workers)
-    ood_images = {name: _embed(view, list(items), device, batch_size, workers) for name, items in (ood or {}).items()}
+    transform = view.backbone.image_transform(train=False)
+    images = _embed_images(view, data.images, transform, device, batch_size, workers)
+    ood_images = {name: _embed_images(view, items, transform, device, batch_size, workers)
+                  for name, items in (ood or {}).items()}
     result: dict[str, Any] = {"images": len(data), "classes": len(data.classnames), "templates": len(templates)}
     if view.metric == "cosine":
         result["rule"] = "cosine"

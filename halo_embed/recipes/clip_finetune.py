@@ -60,7 +60,7 @@ import torch
 
 from ..io import atomic_write_json
 from .common import print_reports, recipe_main, warmup_cosine
-from .finetune_config import PRECISIONS, FinetuneConfig, add_arguments, configs_from_args, validate
+from .finetune_config import AUTOCAST, FinetuneConfig, add_arguments, configs_from_args, validate
 from .finetune_data import calibration_batches, load_pairs, training_loader, zeroshot_data_for
 from .finetune_report import evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
 from .runs import JsonlLog, RunPosition, refuse_to_overwrite, resolve_resume, save_accelerate_state
@@ -114,7 +114,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     run_dir = config.run_dir()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without CUDA, accelerate joins a torchrun group only when told so
-        mixed_precision=PRECISIONS[config.precision][0],
+        mixed_precision=AUTOCAST.get(config.precision, "no"),
         gradient_accumulation_steps=config.accum_freq,
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
         log_with=TRACKERS[config.report_to],
@@ -212,6 +212,7 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
     meter = StepMeter()
     model.train()
     saved_at = position.step
+    clamp_logit_scale = getattr(accelerator.unwrap_model(model), "clamp_logit_scale", None)  # CLIP / SigLIP
     while position.step < total_steps:
         for batch in epoch_batches(accelerator, loader, position, config):
             with accelerator.accumulate(model):
@@ -225,9 +226,8 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
                     meter.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
                 step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged)
                 optimizer.step()
-                unwrapped = accelerator.unwrap_model(model)
-                if hasattr(unwrapped, "clamp_logit_scale"):
-                    unwrapped.clamp_logit_scale()
+                if clamp_logit_scale is not None:
+                    clamp_logit_scale()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             position.step += 1

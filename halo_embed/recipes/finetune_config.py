@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
+from ..clip.backbones import PRECISION_NAMES
 from ..data.images import DEFAULT_MAX_PIXELS
 from .options import add_dataclass_arguments, dataclass_from_args, given_options, option
 
 LOSSES = ("halo", "clip", "siglip")
-#: open_clip's --precision values -> (accelerate's autocast, the dtype the weights are held in). As in
-#: open_clip: amp* autocast with fp32 weights; fp16 / bf16 hold the weights of linear, convolution and
-#: attention layers in half precision (open_clip's convert_weights_to_lp), pure_* the whole model.
-PRECISIONS = {"fp32": ("no", None), "amp": ("fp16", None), "amp_bf16": ("bf16", None),
-              "amp_bfloat16": ("bf16", None), "fp16": ("no", "fp16"), "bf16": ("no", "bf16"),
-              "pure_fp16": ("no", "pure_fp16"), "pure_bf16": ("no", "pure_bf16")}
+#: open_clip's --precision values (their weight dtypes: halo_embed.clip.backbones.WEIGHT_DTYPES) and the
+#: accelerate autocast of those that autocast; the others keep their weights' dtype, or fp32
+PRECISIONS = PRECISION_NAMES
+AUTOCAST = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}
 #: --preset: settings measured for one situation; options given on the command line win (README has the numbers)
 PRESETS: dict[str, dict[str, object]] = {
     # a pretrained CLIP on a few hundred to a few thousand pairs: experiments/small_data_preset.py on Flickr8k-1000

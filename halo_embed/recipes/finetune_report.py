@@ -26,8 +26,7 @@ def evaluate_zeroshot_for(model, config: FinetuneConfig, device, data=None) -> d
     was_training = model.training
     model.eval()
     try:
-        return evaluate_zeroshot(view_of(model), images, config.zeroshot_templates, device,
-                                 {name: [c[i] for i in range(len(c))] for name, c in ood.items()},
+        return evaluate_zeroshot(view_of(model), images, config.zeroshot_templates, device, ood,
                                  workers=config.workers)
     finally:
         model.train(was_training)
