@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.halo-embed-installed
 
-.PHONY: demo test test-slow bench device-check install clean
+.PHONY: demo test test-slow bench device-check device-wheels device-data install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,28 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	$(BIN)/python benchmarks/device_check.py --dry-run
 
-# on a GPU machine: the cuda tests and the GPU benchmarks in one run (DRY_RUN=1: tiny sizes on the CPU)
+# on a GPU machine: the cuda tests and the GPU benchmarks in one run (DRY_RUN=1: tiny sizes on the CPU).
+# CIFAR_DATA=dir adds the full-width CIFAR-10 comparison (dir as ../shared/datasets: make device-data).
+# WHEELS=.whl: a machine without a package index (the lent GPU machine): its own python3 and torch, plus
+# the wheels `make device-wheels` downloaded here, installed under .device-site/.
+DEVICE_ARGS = $(if $(DRY_RUN),--dry-run,) $(if $(CIFAR_DATA),--cifar-data $(CIFAR_DATA),)
+ifeq ($(WHEELS),)
 device-check: $(STAMP)
-	$(BIN)/python benchmarks/device_check.py $(if $(DRY_RUN),--dry-run,)
+	$(BIN)/python benchmarks/device_check.py $(DEVICE_ARGS)
+else
+device-check:
+	python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target .device-site $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR)/.device-site:$(CURDIR) python3 benchmarks/device_check.py $(DEVICE_ARGS)
+endif
+
+# here, before a GPU session: the wheels and data a device-check call carries (.whl/, .device-data/)
+device-wheels: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/device_wheels.sh
+
+device-data:
+	mkdir -p .device-data
+	cp ../shared/datasets/cifar10-jpg.tar.gz ../shared/datasets/cifar100-partial.npz \
+	   ../shared/datasets/svhn-partial.npz .device-data/
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --run-slow
@@ -35,4 +54,4 @@ bench: $(STAMP)
 	@echo "results: benchmarks/results/*.json"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .device-site

@@ -14,20 +14,33 @@ What it runs, each part on its own so one failure does not stop the rest:
 4. PairedHALOLoss (tiled) against open_clip's ``ClipLoss`` at B = 32,768, D = 512;
 5. HALOLoss(chunk_size=...) against torch's chunked ``F.linear_cross_entropy`` at
    (4096, 256, 262,144);
-6. scoring throughput: ``AlignmentScorer.score`` against open_clip's own
-   ``encode_image`` / ``encode_text`` + cosine on the same model and pairs.
+6. scoring throughput (``bench_score.py``): ``halo-embed score --pairs`` against
+   open_clip's own ``encode_image`` / ``encode_text`` + cosine, files to a scores
+   file, ViT-B-32 (random weights), both reading with the same DataLoader workers;
+7. the CIFAR-10 comparison at full width (ResNet-18 width 64, the published
+   setting, bf16 + channels-last): HALO and cross-entropy, same seed and data,
+   for as many epochs as fit in ``--cifar-seconds`` (a one-epoch probe on a
+   tenth of the data sets the number). The data travel with the command:
+   ``--cifar-data DIR`` is a folder like ../shared/datasets (``cifar10-jpg.tar.gz``
+   or an unpacked ``cifar10/``, ``cifar100-partial.npz`` as near-OOD,
+   ``svhn-partial.npz`` as far-OOD); without it the part is skipped.
 
 Times are medians of interleaved repeats (CUDA synchronised); memory is the
 CUDA allocator's peak for one step. Writes ``benchmarks/results/device-check.json``
 and ``device-check.md`` (``-2``, ``-3`` ... when taken) and prints the summary.
-Not yet in it: the full-width CIFAR-10 compare (the GPU machine has no
-dataset download; the data would have to travel with the repository).
+
+On the lent GPU machine (no package index) run it through ``make device-check
+WHEELS=.whl``: the image's own ``python3`` (its torch) plus the wheels that
+``make device-wheels`` put in ``.whl/`` here (benchmarks/device_wheels.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
+import tarfile
+import tempfile
 import sys
 import time
 import traceback
@@ -38,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import RESULTS_DIR, hardware, interleaved_times
+from bench_score import scoring_throughput
 
 from halo_embed import HALOLoss
 from halo_embed.io import atomic_write_json, atomic_write_text, unused_path
@@ -130,35 +144,68 @@ def chunked(device: torch.device, n: int, d: int, k: int, chunk: int, repeats: i
     return timed_pair(device, {"torch linear_cross_entropy": torch_chunked, "halo chunked": halo_chunked}, repeats)
 
 
-def scoring(device: torch.device, pairs: int, batch: int, repeats: int) -> dict[str, Any]:
-    """Pairs per second: AlignmentScorer.score against open_clip's encode_image / encode_text + cosine,
-    both from preprocessed pixels and raw captions, on the same model (the built-in ``halo-tiny-vit``)."""
-    from halo_embed.clip import HALOCLIP, AlignmentScorer, load_backbone
+PARTS = ("tests", "losses", "paired", "chunked", "scoring", "cifar")
+CIFAR_FILES = ("cifar10-jpg.tar.gz", "cifar100-partial.npz", "svhn-partial.npz")
 
-    torch.manual_seed(0)
-    model = HALOCLIP(load_backbone("open_clip", "halo-tiny-vit"), num_candidates=batch)
-    size = model.backbone.model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    pixels = torch.randn(pairs, 3, size, size)
-    captions = [f"a photo of a {('cat', 'dog', 'car')[i % 3]} number {i}" for i in range(pairs)]
-    model.calibrate([(pixels[:batch], model.tokenize(captions[:batch]))])
-    scorer = AlignmentScorer(model, device=device, batch_size=batch)
-    inner = model.backbone.model
 
-    @torch.no_grad()
-    def open_clip_cosine() -> None:
-        for start in range(0, pairs, batch):
-            images = F.normalize(inner.encode_image(pixels[start : start + batch].to(device)), dim=-1)
-            tokens = model.backbone.tokenize(captions[start : start + batch]).to(device)
-            texts = F.normalize(inner.encode_text(tokens), dim=-1)
-            (images * texts).sum(-1).cpu()
+def _tiny_cifar(folder: Path) -> Path:
+    """The dry run's stand-in: 10 classes of random 32 px images in the same layout, and OOD arrays."""
+    import numpy as np
+    from PIL import Image
 
-    def halo_scorer() -> None:
-        scorer.score(pixels, captions)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 26), ("test", 6)):
+        for label in range(10):
+            (folder / "cifar10" / split / f"class{label}").mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) // (label + 1)
+                Image.fromarray(pixels).save(folder / "cifar10" / split / f"class{label}" / f"{i}.png")
+    for name in CIFAR_FILES[1:]:
+        np.savez(folder / name, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    return folder
 
-    result = timed_pair(device, {"open_clip encode + cosine": open_clip_cosine, "AlignmentScorer.score": halo_scorer},
-                        repeats)
-    result["pairs_per_s"] = {name: pairs / s for name, s in result["seconds"].items()}
+
+def cifar_compare(device: torch.device, source: Path | None, seconds: float, dry: bool) -> dict[str, Any]:
+    """HALO and cross-entropy on CIFAR-10, full width, same seed and data, as many epochs as fit in ``seconds``."""
+    from dataclasses import replace
+
+    from halo_embed.recipes.cifar import CifarData, load_data, train
+    from halo_embed.recipes.cifar_config import CifarConfig
+    from halo_embed.recipes.cifar_report import headline
+
+    if source is None and not dry:
+        return {"skipped": "no --cifar-data: copy ../shared/datasets/{" + ",".join(CIFAR_FILES) + "} into a "
+                           "folder that travels (carry) and name it"}
+    work = Path(tempfile.mkdtemp(prefix="device-cifar-"))
+    if dry:
+        source = _tiny_cifar(work)
+    images = source / "cifar10"
+    if not images.is_dir():
+        images = work / "cifar10"
+        with tarfile.open(source / CIFAR_FILES[0]) as archive:  # train/<class>/*.jpg and test/<class>/*.jpg
+            archive.extractall(images, filter="data")
+    base = CifarConfig(dataset="imagefolder", data_dir=str(images), near_ood=[str(source / CIFAR_FILES[1])],
+                       far_ood=[str(source / CIFAR_FILES[2])], output=str(work / "runs"), progress=False,
+                       device=str(device), epochs=1, **({"width": 8, "batch_size": 32} if dry else {}))
+    start = time.perf_counter()
+    data = load_data(base)
+    load_s = time.perf_counter() - start
+    # the probe: one epoch on a tenth of the images (after a warm-up epoch of the kernels' autotuning)
+    tenth = CifarData(data.train.subset(max(len(data.train) // 10, base.batch_size)), data.test.subset(256),
+                      {k: v.subset(64) for k, v in data.near.items()}, {k: v.subset(64) for k, v in data.far.items()},
+                      data.classes)
+    train(replace(base, loss="halo", name="warmup"), tenth)
+    start = time.perf_counter()
+    train(replace(base, loss="halo", name="probe"), tenth)
+    epoch_s = (time.perf_counter() - start) * len(data.train) / len(tenth.train)
+    epochs = max(1, min(200, int(seconds / (2 * epoch_s))))
+    result: dict[str, Any] = {"epochs": epochs, "estimated_epoch_s": round(epoch_s, 1), "data_load_s": round(load_s, 1),
+                              "n_train": len(data.train), "n_test": len(data.test), "width": base.width,
+                              "batch_size": base.batch_size}
+    for loss in ("cce", "halo"):
+        start = time.perf_counter()
+        metrics = train(replace(base, loss=loss, epochs=epochs, name=f"cifar10-{loss}"), data)
+        result[loss] = {**headline(metrics, loss), "train_s": round(time.perf_counter() - start, 1)}
     return result
 
 
@@ -195,8 +242,13 @@ def summary(results: dict[str, Any], dry_run: bool) -> str:
             peaks = part.get("peak_mib")
             cell = f"ratio {part['time_ratio']:.2f} ({seconds})" + (
                 "; peak " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()) if peaks else "")
+        elif "cce" in part:
+            cell = (f"{part['epochs']} epochs, {part['n_train']} images: " + "; ".join(
+                f"{loss.upper()} accuracy {100 * part[loss]['accuracy']:.2f}, near AUROC "
+                f"{100 * part[loss]['near_auroc']:.2f}, far AUROC {100 * part[loss]['far_auroc']:.2f}, ECE "
+                f"{100 * part[loss]['ece']:.2f} ({part[loss]['train_s']:.0f} s)" for loss in ("cce", "halo")))
         else:
-            cell = part.get("summary", "ok")
+            cell = part.get("summary") or part.get("skipped") or "ok"
         lines.append(f"| {name} | {cell} | {part['wall_s']} |")
     return "\n".join(lines) + "\n"
 
@@ -205,6 +257,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (checks that the script works)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5; dry run 2)")
+    parser.add_argument("--cifar-data", type=Path, default=None,
+                        help="a folder with cifar10-jpg.tar.gz (or cifar10/), cifar100-partial.npz, svhn-partial.npz")
+    parser.add_argument("--cifar-seconds", type=float, default=200.0,
+                        help="training time for the CIFAR comparison, both losses together (default 200)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (default: all), e.g. to rerun the one that failed")
     args = parser.parse_args()
     dry = args.dry_run
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
@@ -214,19 +272,29 @@ def main() -> int:
     repeats = args.repeats or (2 if dry else 5)
     pick = 1 if dry else 0
     results: dict[str, Any] = {"environment": hardware()}
-    run_part(results, "cuda tests (tests/test_devices.py)", device_tests)
-    for full, tiny in LOSS_SIZES:
+    parts = set(args.parts)
+    if "tests" in parts:
+        run_part(results, "cuda tests (tests/test_devices.py)", device_tests)
+    for full, tiny in LOSS_SIZES if "losses" in parts else ():
         n, d, k = tiny if dry else full
         run_part(results, f"HALOLoss vs linear+CE, N,D,K={n},{d},{k}",
                  lambda n=n, d=d, k=k: classification(device, n, d, k, repeats))
-    b, dim, chunk = PAIRED_SIZE[pick]
-    run_part(results, f"PairedHALOLoss (tiled) vs ClipLoss, B={b}, D={dim}",
-             lambda: paired(device, b, dim, chunk, repeats))
-    n, d, k, rows = CHUNKED_SIZE[pick]
-    run_part(results, f"chunked HALO vs torch linear_cross_entropy, N,D,K={n},{d},{k}",
-             lambda: chunked(device, n, d, k, rows, repeats))
-    pairs, batch = (256, 64) if dry else (8192, 512)
-    run_part(results, f"scoring throughput, {pairs} pairs, batch {batch}", lambda: scoring(device, pairs, batch, repeats))
+    if "paired" in parts:
+        b, dim, chunk = PAIRED_SIZE[pick]
+        run_part(results, f"PairedHALOLoss (tiled) vs ClipLoss, B={b}, D={dim}",
+                 lambda: paired(device, b, dim, chunk, repeats))
+    if "chunked" in parts:
+        n, d, k, rows = CHUNKED_SIZE[pick]
+        run_part(results, f"chunked HALO vs torch linear_cross_entropy, N,D,K={n},{d},{k}",
+                 lambda: chunked(device, n, d, k, rows, repeats))
+    if "scoring" in parts:
+        model, pairs, batch, workers = ("halo-tiny-vit", 128, 32, 2) if dry else \
+            ("ViT-B-32", 8192, 256, min(16, os.cpu_count() or 1))
+        run_part(results, f"halo-embed score vs open_clip, {model}, {pairs} pairs, batch {batch}",
+                 lambda: scoring_throughput(device, model, pairs, batch, workers, repeats))
+    if "cifar" in parts:
+        run_part(results, "CIFAR-10 HALO vs cross-entropy, full width",
+                 lambda: cifar_compare(device, args.cifar_data, 1.0 if dry else args.cifar_seconds, dry))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = unused_path(RESULTS_DIR / "device-check.json")
     atomic_write_json(out, {"dry_run": dry, "results": results})

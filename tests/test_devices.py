@@ -84,6 +84,56 @@ def test_paired_loss_on_device_matches_cpu_float64(device, chunk_size):
         assert rel_err(a, b) <= 1e-5
 
 
+def faiss_distributions() -> list[str]:
+    """The installed distributions that ship the top-level module ``faiss``."""
+    import importlib.metadata
+
+    return sorted({dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()
+                   if any(str(f).replace("\\", "/") == "faiss/__init__.py" for f in dist.files or ())})
+
+
+def test_exactly_one_faiss_package():
+    """faiss-gpu and faiss-cpu both install `faiss/`: an install has the one pyproject's markers pick here."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = [Requirement(r) for r in importlib.metadata.requires("halo-embed") or ()]
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("halo-embed is not installed as a package here (run from a source folder)")
+    wanted = [r.name for r in requirements if r.name.startswith("faiss") and (r.marker is None or r.marker.evaluate())]
+    assert len(wanted) == 1 and faiss_distributions() == wanted
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_every_faiss_index_kind_runs_on_the_cpu(kind):
+    """Whatever the FAISS build, each index kind answers on the CPU (and with use_gpu=None where no GPU is)."""
+    from halo_embed.eval.retrieval import VectorIndex
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2000, 32, generator=g)
+    queries = base[:40] + 0.01 * torch.randn(40, 32, generator=g)
+    for metric in ("l2", "cosine"):
+        exact = VectorIndex(base, metric, "torch").search(queries, 5)
+        for use_gpu in (False, None):
+            index = VectorIndex(base, metric, "faiss", kind, use_gpu=use_gpu, nlist=16, nprobe=16)
+            assert index.on_gpu == (use_gpu is None and torch.cuda.is_available() and kind != "hnsw")
+            found = index.search(queries, 5)
+            assert torch.equal(found.indices[:, 0], torch.arange(40))  # each query's own item first
+            overlap = (found.indices[:, :, None] == exact.indices[:, None, :]).any(-1).float().mean()
+            assert overlap >= (1.0 if kind != "hnsw" else 0.95)
+
+
+@pytest.mark.cuda
+def test_faiss_reports_gpu_support_where_cuda_exists():
+    from halo_embed.eval.retrieval import faiss_has_gpu, import_faiss
+
+    if faiss_distributions() != ["faiss-gpu"]:
+        pytest.skip(f"the installed FAISS is {faiss_distributions()}, not faiss-gpu")
+    assert faiss_has_gpu(import_faiss())
+
+
 @pytest.mark.cuda
 def test_gpu_faiss_finds_the_cpu_neighbours():
     from halo_embed.eval.retrieval import VectorIndex, faiss_has_gpu, import_faiss

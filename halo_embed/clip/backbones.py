@@ -93,8 +93,24 @@ class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
         Tokenizer-agnostic: a text fits when tokenizing it one token longer only adds padding.
         """
         length = self.context_length
-        short, long = self._token_ids(texts, length), self._token_ids(texts, length + 1)
-        return (long[:, :length] != short).any(dim=1)
+        return self._cut(self._token_ids(texts, length), texts, length)
+
+    def tokenize_checked(self, texts: list[str]) -> tuple[Tokens, Tensor | None]:
+        """:meth:`tokenize` and :meth:`truncated` with one tokenization less (``None``: cannot tell).
+
+        The streaming scorer's workers call this once per batch.
+        """
+        tokens = self.tokenize(texts)
+        try:
+            length = self.context_length
+            ids = tokens["input_ids"] if isinstance(tokens, dict) else tokens
+            return tokens, self._cut(ids, texts, length)
+        except NotImplementedError:
+            return tokens, None
+
+    def _cut(self, ids: Tensor, texts: list[str], length: int) -> Tensor:
+        # ids at `length` equal the first `length` ids at `length + 1` unless the text did not fit
+        return (self._token_ids(texts, length + 1)[:, :length] != ids).any(dim=1)
 
     @abc.abstractmethod
     def image_transform(self, train: bool = False) -> Callable:

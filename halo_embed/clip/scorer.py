@@ -36,7 +36,7 @@ from .. import geometry
 from .._validation import check_int, check_tensor
 from ..data.images import load_image
 from ..eval.search import RejectionIndex, RejectionResult
-from .backbones import move_tokens
+from .backbones import Tokens, move_tokens
 from .model import HALOCLIP
 
 __all__ = ["AlignmentScorer", "PairScores", "Ranking"]
@@ -193,6 +193,15 @@ class AlignmentScorer:
         probability = torch.sigmoid(logit - self.abstain_bias)
         accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
         return PairScores(probability, accept, logit, self.abstain_bias)
+
+    @torch.no_grad()
+    def score_preprocessed(self, pixels: Tensor, tokens: Tokens) -> PairScores:
+        """:meth:`score` of ``(N, 3, H, W)`` pixels from the backbone's image transform and tokens from its
+        tokenizer, each tower run once on the whole batch (the streaming path of ``halo-embed score``)."""
+        check_tensor("pixels", pixels, ndim=4, floating=True)
+        images = self.model.encode_image(pixels.to(self.device, non_blocking=True)).float()
+        texts = self.model.encode_text(move_tokens(tokens, self.device)).float()
+        return self.score_embeddings(images.cpu(), texts.cpu())
 
     def score(self, images: Sequence[Any] | Tensor, texts: Sequence[str]) -> PairScores:
         """For each pair ``(images[i], texts[i])``: the probability that they belong together and accept/reject."""

@@ -3,26 +3,34 @@
 Single pair:  halo-embed score --checkpoint CKPT --image dog.jpg --text "a dog on the grass"
 Batch:        halo-embed score --checkpoint CKPT --pairs pairs.csv --output scores.csv   (or .json)
 
-The batch form reports each bad row (missing, unreadable or oversized image,
-empty text, a row that is not UTF-8; with --strict-text a caption longer than
-the text tower reads) on stderr with its file and line, scores the rest
-(decoding a few hundred images at a time) and writes one output row per input
-row (bad rows with their error). Exit status: 0 all scored, 1 some rows could
-not be scored, 2 a usage or input error (bad arguments, missing or damaged
-checkpoint, unreadable CSV; checked before anything is scored), 3 an internal
-error.
+The batch form streams: worker processes decode the images and tokenize the
+captions (--workers) while the model scores the batch before, a progress bar
+counts the pairs, and every finished batch is appended to
+``<output>.partial.jsonl``; a killed run goes on from its last complete batch
+with ``--resume`` and writes the same output as an uninterrupted one. At the
+end the output appears in one step and the summary gives pairs per second.
+Each bad row (missing, unreadable or oversized image, empty text, a row that is
+not UTF-8; with --strict-text a caption longer than the text tower reads) is
+reported on stderr with its file and line and written with its error; the rest
+are scored. A finished output is never overwritten. Exit status: 0 all scored,
+1 some rows could not be scored, 2 a usage or input error (bad arguments,
+missing or damaged checkpoint, unreadable CSV, an existing output; checked
+before anything is scored), 3 an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..data.images import DEFAULT_MAX_PIXELS
+
+#: Image decoding dominates on a GPU: as many workers as cores, up to 8.
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 HELP = "probability that an image and a caption belong together, with accept/reject"
 
@@ -39,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--image-root", help="folder that relative image paths are relative to (default: the CSV's folder)")
     batch.add_argument("--output", help="scores file, .csv or .json (default: print JSON lines)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (default 64)")
+    batch.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                       help=f"processes that decode images and tokenize captions (default {DEFAULT_WORKERS}: "
+                            "the CPU count, at most 8; 0: in the main process)")
+    batch.add_argument("--resume", action="store_true",
+                       help="go on from where an interrupted run with the same --output stopped")
     parser.add_argument("--json", action="store_true", help="single pair: print JSON instead of a sentence")
     parser.add_argument("--strict-text", action="store_true",
                         help="reject captions longer than the text tower reads (default: score their beginning "
@@ -78,20 +91,30 @@ def _single(args: argparse.Namespace) -> int:
     return 0
 
 
+def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, columns: tuple[str, str]) -> dict:
+    """What an interrupted run must share with its resume: the same inputs, checkpoint and row rules."""
+    def stamp(path: Path) -> list:
+        info = path.stat()
+        return [path.name, info.st_size, info.st_mtime_ns]
+
+    checkpoint = Path(args.checkpoint).resolve()
+    return {"pairs": [str(pairs_path.resolve()), *stamp(pairs_path)[1:]],
+            "checkpoint": [str(checkpoint)] + ([stamp(p) for p in sorted(checkpoint.iterdir()) if p.is_file()]
+                                               if checkpoint.is_dir() else []),  # a missing one: the loader says
+            "image_column": columns[0], "text_column": columns[1], "image_root": str(root.resolve()),
+            "strict_text": args.strict_text, "max_image_pixels": args.max_image_pixels}
+
+
 def _batch(args: argparse.Namespace) -> int:
-    from ..data.images import ImageLoadError, load_image
+    from tqdm.auto import tqdm
+
+    from ..clip.pair_stream import PairRows, ScoreJournal, ScoreSummary, pair_batches, score_batch, write_scores
     from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_csv
-    from ..io import atomic_write_json, atomic_write_text
 
     pairs_path = Path(args.pairs)
     if not pairs_path.is_file():
         raise FileNotFoundError(f"pairs file {'is a folder' if pairs_path.is_dir() else 'not found'}: {pairs_path}")
-    # the same columns as `halo-embed finetune` reads, so a training CSV scores as it is
-    rows, (image_column, text_column) = read_csv(
-        pairs_path, [(args.image_column or IMAGE_COLUMNS, "--image-column"),
-                     (args.text_column or CAPTION_COLUMNS, "--text-column")])
-    if not rows:
-        raise ValueError(f"{pairs_path} has no rows")
+    output = journal_path = None
     if args.output:
         output = Path(args.output)
         if output.suffix.lower() not in (".csv", ".json"):
@@ -101,80 +124,78 @@ def _batch(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {args.output} cannot be written: "
                              + ("it is a folder" if output.is_dir() else f"the folder {folder} "
                                 + ("is not writable" if folder.is_dir() else "does not exist")))
+        if output.exists():
+            raise ValueError(f"--output {args.output} already exists: a finished run is never overwritten; "
+                             "choose another name")
+        journal_path = output.with_name(output.name + ".partial.jsonl")
+        if journal_path.exists() and not args.resume:
+            raise ValueError(f"an interrupted run left {journal_path}: add --resume to go on from where it "
+                             "stopped, or delete it to start again")
+    elif args.resume:
+        raise ValueError("--resume needs --output (the scores of the interrupted run are kept next to it)")
+    # the same columns as `halo-embed finetune` reads, so a training CSV scores as it is
+    rows, columns = read_csv(pairs_path, [(args.image_column or IMAGE_COLUMNS, "--image-column"),
+                                          (args.text_column or CAPTION_COLUMNS, "--text-column")])
+    if not rows:
+        raise ValueError(f"{pairs_path} has no rows")
     root = Path(args.image_root) if args.image_root else pairs_path.parent
+    journal = done = None
+    if journal_path is not None:
+        journal = ScoreJournal(journal_path, _journal_header(args, pairs_path, root, columns), args.batch_size)
+        done = journal.resume() if journal_path.exists() else None  # checked before the model is loaded
     scorer = _scorer(args)
-    records, scored_records, truncated = [], [], 0
-    chunk = max(256, args.batch_size)  # rows decoded at a time: memory stays flat for any file size
-    for first in range(0, len(rows), chunk):
-        good, images, texts = [], [], []
-        for number, row in enumerate(rows[first : first + chunk], start=first + 1):
-            values = row.values
-            image_path, text = (values.get(image_column) or "").strip(), (values.get(text_column) or "").strip()
-            record = {"row": number, "line": row.line, "image": image_path, "text": text, "probability": None,
-                      "accept": None, "logit": None, "truncated": None, "error": None}
-            records.append(record)
-            try:
-                if row.error:
-                    raise ValueError(row.error)
-                if not text:
-                    raise ValueError("empty caption")
-                if not image_path:
-                    raise ValueError("empty image path")
-                path = Path(image_path)
-                images.append(load_image(path if path.is_absolute() else root / path,
-                                         max_pixels=args.max_image_pixels))
-                texts.append(text)
-                good.append(record)
-            except (ImageLoadError, ValueError) as error:
-                record["error"] = str(error)
-                print(f"{pairs_path}, line {row.line} (row {number}): {error}", file=sys.stderr)
-        if not good:
-            continue
-        flags = scorer.truncated(texts)
-        too_long = [False] * len(texts) if flags is None else flags.tolist()
-        for record, long in zip(good, too_long):
-            if long:
-                context = scorer.model.backbone.context_length
-                truncated += 1
-                where = f"{pairs_path}, line {record['line']} (row {record['row']})"
-                if args.strict_text:
-                    record["error"] = f"caption longer than the {context} tokens the text tower reads (--strict-text)"
-                    print(f"{where}: {record['error']}", file=sys.stderr)
+    if journal is not None and done is None:
+        done = journal.start()
+    done = done or 0
+    backbone = scorer.model.backbone
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize; no threads across a fork
+    try:
+        context = backbone.context_length
+    except NotImplementedError:
+        context = None
+    dataset = PairRows(rows, *columns, root, backbone.image_transform(train=False), args.max_image_pixels, done)
+    loader = pair_batches(dataset, backbone.tokenize_checked, args.batch_size, min(args.workers, len(dataset)),
+                          pin_memory=scorer.device.type == "cuda")
+    if done:
+        print(f"resuming {journal_path}: {done} of {len(rows)} rows were scored before", file=sys.stderr)
+    summary, start = ScoreSummary(), time.perf_counter()
+    with tqdm(total=len(rows), initial=done, unit="pair", disable=None, file=sys.stderr) as bar:
+        try:
+            for batch in loader:
+                records = score_batch(scorer, batch, args.strict_text, context)
+                for record in records:
+                    summary.add(record)
+                    where = f"{pairs_path}, line {record['line']} (row {record['row']})"
+                    if record["error"] is not None:
+                        bar.write(f"{where}: {record['error']}", file=sys.stderr)
+                    elif record["truncated"]:
+                        bar.write(f"{where}: warning: caption longer than {context} tokens; its beginning is "
+                                  "scored", file=sys.stderr)
+                if journal is not None:
+                    journal.append(records)
                 else:
-                    print(f"{where}: warning: caption longer than {context} tokens; its beginning is scored",
-                          file=sys.stderr)
-        keep = [i for i, long in enumerate(too_long) if not (long and args.strict_text)]
-        good, images, texts = [good[i] for i in keep], [images[i] for i in keep], [texts[i] for i in keep]
-        if good:
-            # the captions were checked for length above: score the embeddings (each caption tokenized once more)
-            scores = scorer.score_embeddings(scorer.encode_images(images), scorer.encode_texts(texts))
-            scores.truncated = None if flags is None else flags[keep]
-            for record, scored in zip(good, scores.to_records()):
-                record.update(scored)
-            scored_records += good
-    good = scored_records
-    if args.output:
-        output = Path(args.output)
-        if output.suffix.lower() == ".json":
-            atomic_write_json(output, {"abstain_bias": scorer.abstain_bias, "pairs": records})
-        else:
-            import io
-
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
-            atomic_write_text(output, buffer.getvalue())
-    else:
-        for record in records:
-            print(json.dumps(record))
-    bad = len(records) - len(good)
-    summary = f"scored {len(good)} of {len(records)} pairs"
-    accepted = sum(1 for r in good if r["accept"])
-    print(f"{summary}: {accepted} accepted, {len(good) - accepted} rejected"
+                    sys.stdout.write("".join(json.dumps(record) + "\n" for record in records))
+                    sys.stdout.flush()
+                bar.update(len(records))
+        except KeyboardInterrupt:
+            if journal is not None:
+                print(f"stopped: {journal_path} keeps every finished batch; run the same command with --resume "
+                      "to go on", file=sys.stderr)
+            raise
+        finally:
+            if journal is not None:
+                journal.close()
+    seconds = time.perf_counter() - start
+    rate = f"{summary.rows} rows in {seconds:.1f} s ({summary.rows / max(seconds, 1e-9):.0f} pairs/s)"
+    if journal is not None:
+        summary = write_scores(journal, output, scorer.abstain_bias)  # every row, the resumed ones too
+        journal_path.unlink()
+    bad = summary.rows - summary.scored
+    print(f"scored {summary.scored} of {summary.rows} pairs: {summary.accepted} accepted, "
+          f"{summary.scored - summary.accepted} rejected"
           + (f"; {bad} row(s) skipped (see above)" if bad else "")
-          + (f"; {truncated} caption(s) longer than the text tower reads" if truncated else "")
-          + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+          + (f"; {summary.too_long} caption(s) longer than the text tower reads" if summary.too_long else "")
+          + (f"; wrote {args.output}" if args.output else "") + f"; {rate}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -187,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.pairs:

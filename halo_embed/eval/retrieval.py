@@ -35,8 +35,8 @@ def import_faiss():
         import faiss  # noqa: PLC0415 - imported only when a FAISS index is built
     except ImportError as error:
         raise ImportError(
-            "FAISS is not installed: `pip install faiss-cpu` (a dependency of halo-embed), or "
-            "`pip install 'halo-embed[gpu]'` for the GPU build; backend='torch' needs neither"
+            "FAISS is not installed: `pip install faiss-gpu` on Linux x86-64 (a dependency of halo-embed there; "
+            "it runs CPU indexes too), `pip install faiss-cpu` elsewhere; backend='torch' needs neither"
         ) from error
     return faiss
 
