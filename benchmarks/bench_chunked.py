@@ -6,7 +6,7 @@ Neither side ever holds the N x K logits. Times: median of interleaved
 repeats in this process (forward + backward). Memory: the peak RSS one
 forward+backward adds in a fresh process, minus the gradients of the inputs
 (N x D + K x D floats), i.e. the extra memory the loss itself needs.
-Targets: <= ~1 GiB extra, time <= 1.3x of torch's chunked linear cross-entropy.
+Targets: <= 64 MiB extra (was ~1 GiB), time <= 1.3x of torch's chunked linear cross-entropy.
 torch's chunked path only runs without label smoothing (given 0.1 it warns and
 falls back to the full logits), so the baseline has none; HALO keeps its
 defaults (label smoothing 0.1, distillation, the radial term).

@@ -179,3 +179,91 @@ def test_logits_far_below_the_maximum(distill, chunk_size):
     for a, b in zip(fast, faithful):
         if a is not None:
             assert rel_err(a, b) <= 1e-5
+
+
+CLASS_CHUNK_CASES = [(distill, ls, reduction) for distill in (True, False) for ls in (0.0, 0.1)
+                     for reduction in ("mean", "sum", "none")]
+
+
+@pytest.mark.parametrize("distill,ls,reduction", CLASS_CHUNK_CASES)
+def test_class_chunked_equals_unchunked(monkeypatch, distill, ls, reduction):
+    # blocks of 5 rows, at most 20 logits each: 4 candidates at a time (13 = 4 + 4 + 4 + 1), two passes
+    from halo_embed.losses import fused
+
+    monkeypatch.setattr(fused, "CLASS_CHUNK_ELEMENTS", 20)
+    x, c, y = batch(n=23, d=6, k=13, seed=4, dtype=torch.float64)
+    kwargs = dict(distill=distill, label_smoothing=ls, reduction=reduction)
+    chunked = grads(HALOLoss(6, 13, chunk_size=5, **kwargs).double(), x, y, c, False)
+    whole = grads(HALOLoss(6, 13, **kwargs).double(), x, y, c, False)
+    faithful = grads(HALOLoss(6, 13, implementation="faithful", **kwargs).double(), x, y, c, False)
+    for i in (0, 2, 3, 4):
+        assert rel_err(chunked[i], whole[i]) <= 1e-12
+        assert rel_err(chunked[i], faithful[i]) <= 1e-10
+
+
+def test_class_chunked_second_backward_and_no_grad(monkeypatch):
+    from halo_embed.losses import fused
+
+    monkeypatch.setattr(fused, "CLASS_CHUNK_ELEMENTS", 20)
+    x, c, y = batch(n=11, d=6, k=13, seed=5)
+    loss_fn = HALOLoss(6, 13, chunk_size=4)
+    with torch.no_grad():
+        cheap, _ = loss_fn(x, y, c)
+    xg, cg = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    loss, _ = loss_fn(xg, y, cg)
+    loss.backward(retain_graph=True)
+    first = [xg.grad.clone(), cg.grad.clone(), loss_fn.gamma.grad.clone()]
+    (2.0 * loss).backward()
+    assert rel_err(cheap, loss.detach()) <= 1e-6
+    for a, b in zip(first, [xg.grad, cg.grad, loss_fn.gamma.grad]):
+        assert rel_err(b, 3.0 * a) <= 1e-6
+
+
+@pytest.mark.parametrize("class_chunk_elements", [None, 12])
+def test_paired_class_chunked_matches_faithful(monkeypatch, class_chunk_elements):
+    # several positives per row (equal ids), some in another chunk of candidates than others
+    from halo_embed.losses import fused
+
+    if class_chunk_elements is not None:
+        monkeypatch.setattr(fused, "CLASS_CHUNK_ELEMENTS", class_chunk_elements)
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    texts = images + 0.7 * torch.randn(10, 8, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, 3, 1, 2, 0, 2, 3, 4, 0, 6])
+    for distill in (True, False):
+        results = []
+        for implementation, chunk in (("fused", 3), ("faithful", None)):
+            img, txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+            loss_fn = PairedHALOLoss(8, num_candidates=10, implementation=implementation, chunk_size=chunk,
+                                     distill=distill).double()
+            loss_fn(img, txt, ids).backward()
+            results.append([img.grad, txt.grad, loss_fn.gamma.grad])
+        for a, b in zip(*results):
+            assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("cancellation", [None, 0.0])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_radial_distance_near_the_centroid(monkeypatch, chunk_size, cancellation):
+    # away from the origin and close to their centroids: |x|^2 - 2 x.c + |c|^2 cancels, so those rows
+    # take the distance directly, the others (farther from theirs) from the logits; without the
+    # direct rows (cancellation 0) the loss and the gradients are off
+    from halo_embed.losses import fused
+
+    if cancellation is not None:
+        monkeypatch.setattr(fused, "RADIAL_CANCELLATION", cancellation)
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(6, 12, generator=g) + 3.0
+    y = torch.randint(0, 6, (16,), generator=g)
+    x = c[y] + torch.randn(16, 12, generator=g) * torch.logspace(-3, 0.5, 16).unsqueeze(1)
+    # (not through the true logits: near 0 their clamp's mask follows rounding, in either implementation)
+    fast = grads(HALOLoss(12, 6, chunk_size=chunk_size), x, y, c, False)
+    faithful = grads(HALOLoss(12, 6, implementation="faithful"), x, y, c, False)
+    worst = max(rel_err(fast[i], faithful[i]) for i in (0, 2, 3))
+    if cancellation is None:
+        assert worst <= 1e-5
+        # the temperature's gradient sums terms much larger than itself here (centroids far from the
+        # origin): ~1e-4 in fp32 in this implementation and the previous one alike
+        assert rel_err(fast[4], faithful[4]) <= 1e-3
+    else:
+        assert worst > 1e-3

@@ -9,26 +9,36 @@ same loss and gradients block by block of rows:
 - the shifted logits come out of one ``addmm`` whose bias row is ``-g |c|^2 / D``;
   the abstain column is never materialised (its logit enters the
   log-sum-exp as a constant);
-- the teacher-free targets use softmax's shift invariance: the targets of
-  ``where(positive, 0, (s - g|x|^2/D) / ls)`` equal those of ``min(s, g|x|^2/D) / ls``
-  with the positives set to ``g|x|^2/D / ls`` (the clamp of the reference
-  is the ``min``);
+- the teacher-free targets are the softmax of ``where(positive, 0, true / ls)``
+  floored :data:`EXP_FLOOR` below their row maximum (0, at the positives),
+  taken from the true logits with scalar bounds; label smoothing with one
+  positive per row is never stored (``ls/K`` is subtracted, ``1 - ls`` scattered);
 - ``exp(s - max)`` is written into the logits' own buffer; its row sums give
   the log-sum-exp, and one row factor turns it into ``q`` over ``[K + 1]``
   (the abstain column is never stored); softmax arguments are floored
   :data:`EXP_FLOOR` nats below their row's maximum;
 - for ``mean``/``sum`` the gradients are computed in the forward pass while
-  the block is in memory (the backward only scales them), for ``none`` the
+  the block is in memory, already scaled by ``1/N`` (the backward hands them
+  over, scaling only by a ``grad_out`` other than 1), for ``none`` the
   backward recomputes each block; the loss totals are whole-block dot products;
 - the temperature's gradient is assembled from the ``K x D`` product ``G^T x``
   and the column sums of ``G``, which the centroid gradient needs anyway, so
   the logits need not be kept;
-- the radial term's ``c_y - x`` buffer, scaled, becomes the embedding
-  gradient in place (``addmm_`` with ``beta=-1``).
+- the radial term costs no ``N x D`` pass on CPU: ``|x - c_y|^2/D`` is
+  ``|x|^2/D - s_iy/g`` (rows where that cancels, :data:`RADIAL_CANCELLATION`,
+  are taken directly), and its gradient ``w_i (x_i - c_y)`` rides in the
+  matmuls: ``-w_i/alpha`` is added to ``G`` at ``(i, y_i)`` (which gives the
+  ``c_y`` parts of both gradients) and ``dx = w x + alpha G c`` is one
+  row-scaled copy of ``x`` and one ``addmm_``.
 
 With ``chunk_rows`` the blocks are ``chunk_rows x K``: the full ``N x K``
 matrix never exists (large label spaces, huge contrastive batches), and the
-true logits are not returned.
+true logits are not returned. A block with more than
+:data:`CLASS_CHUNK_ELEMENTS` logits is also split by candidates and done in
+two passes (:func:`_class_chunked_block`: online log-sum-exp and target
+statistics, then the gradients with the logits recomputed), so the loss's
+own memory stays a few ``chunk_rows x (CLASS_CHUNK_ELEMENTS / chunk_rows)``
+buffers whatever ``K``.
 
 Math (per row ``i``, candidates ``j``; ``s`` shifted logits, ``L`` the
 log-sum-exp over ``[s_i, abstain_bias]``, ``p`` the targets, ``q = exp(s - L)``):
@@ -55,6 +65,16 @@ __all__ = ["Positives", "fused_halo_cross_entropy"]
 #: entry relative to the row's largest probability, below fp32 resolution for K up to ~10^6.
 EXP_FLOOR = 30.0
 
+#: In chunked mode, a block of rows never holds more logits than this (16 MiB in fp32): wider label
+#: spaces are processed ``CLASS_CHUNK_ELEMENTS // chunk_rows`` candidates at a time, in two passes
+#: (:func:`_class_chunked_block`), so the loss's own memory no longer grows with ``K``.
+CLASS_CHUNK_ELEMENTS = 2**22
+
+#: On CPU the radial term's ``|x - c_y|^2/D`` is taken from the logits (``|x|^2/D - s_iy/g``) unless it is
+#: below this fraction of ``|x|^2/D + |c_y|^2/D``, where the difference loses too many digits: such rows
+#: are computed directly.
+RADIAL_CANCELLATION = 0.25
+
 
 class Positives:
     """Which candidates are each row's positives: one column per row, or equal ids."""
@@ -65,20 +85,36 @@ class Positives:
             raise ValueError("give either columns, or row_ids and col_ids")
         self.columns, self.row_ids, self.col_ids = columns, row_ids, col_ids
 
-    def set_in_block(self, z: Tensor, rows: slice, value: Tensor) -> None:
-        """``z[i, j] = value[i]`` at the positives of the block's rows (in place)."""
+    def _local(self, rows: slice, cols: slice | None, width: int) -> tuple[Tensor, Tensor | None]:
+        """Each row's positive column inside the block ``cols`` (clamped into it), and whether it is there."""
+        columns = self.columns[rows]
+        if cols is None:
+            return columns, None
+        local = columns - cols.start
+        inside = (local >= 0) & (local < width)
+        return local.clamp(0, width - 1), inside
+
+    def set_in_block(self, z: Tensor, rows: slice, value: Tensor, cols: slice | None = None) -> None:
+        """``z[i, j] = value[i]`` at the positives of the block's rows (in place); ``cols``: the block's columns."""
         if self.columns is not None:
-            z.scatter_(1, self.columns[rows].unsqueeze(1), value.unsqueeze(1))
+            local, inside = self._local(rows, cols, z.shape[1])
+            index = local.unsqueeze(1)
+            if inside is not None:   # rows whose positive is elsewhere write back what they read (no sync)
+                value = torch.where(inside, value, z.gather(1, index).squeeze(1))
+            z.scatter_(1, index, value.unsqueeze(1))
         else:
-            mask = self.row_ids[rows].unsqueeze(1) == self.col_ids.unsqueeze(0)
+            col_ids = self.col_ids if cols is None else self.col_ids[cols]
+            mask = self.row_ids[rows].unsqueeze(1) == col_ids.unsqueeze(0)
             torch.where(mask, value.unsqueeze(1), z, out=z)
 
-    def block_mask(self, rows: slice, shape: tuple[int, int], device) -> Tensor:
+    def block_mask(self, rows: slice, shape: tuple[int, int], device, cols: slice | None = None) -> Tensor:
         if self.columns is not None:
+            local, inside = self._local(rows, cols, shape[1])
             mask = torch.zeros(shape, dtype=torch.bool, device=device)
-            mask.scatter_(1, self.columns[rows].unsqueeze(1), True)
+            mask.scatter_(1, local.unsqueeze(1), True if inside is None else inside.unsqueeze(1))
             return mask
-        return self.row_ids[rows].unsqueeze(1) == self.col_ids.unsqueeze(0)
+        col_ids = self.col_ids if cols is None else self.col_ids[cols]
+        return self.row_ids[rows].unsqueeze(1) == col_ids.unsqueeze(0)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -109,68 +145,129 @@ def _softmax_(z: Tensor) -> Tensor:
     return z.div_(z.sum(dim=1, keepdim=True))
 
 
+def _radial_distances(xb: Tensor, c: Tensor, columns: Tensor, x_sq: Tensor, s_pos: Tensor, g: float,
+                      centroid_sq: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``|x_i - c_{y_i}|^2 / D`` of a block's rows, which rows were taken directly, and their ``c_y - x``.
+
+    On CPU from what the block has already computed (``|x|^2/D - s_iy / g``, no ``(b, D)`` pass), except
+    for rows where that difference cancels (the distance below :data:`RADIAL_CANCELLATION` of
+    ``|x|^2/D + |c_y|^2/D``): those (returned as an index, usually empty) are taken directly, so an
+    embedding on or near its centroid still gives the faithful value. Elsewhere every row directly
+    (``None``: no host synchronisation to find the few).
+    """
+    if xb.device.type != "cpu":
+        offset = torch.index_select(c, 0, columns).sub_(xb)
+        return _row_mean_square(offset), None, offset
+    r_sq = torch.sub(x_sq, s_pos, alpha=1.0 / g)
+    direct = (r_sq < (x_sq + centroid_sq[columns]) * RADIAL_CANCELLATION).nonzero().squeeze(1)
+    if not direct.numel():
+        return r_sq, direct, None
+    offset = torch.index_select(c, 0, columns[direct]).sub_(xb[direct])
+    r_sq[direct] = _row_mean_square(offset)
+    return r_sq, direct, offset
+
+
 def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
            positives: Positives, rows: slice, weights: Tensor | None, want_true: bool, grads: dict[str, Any] | None,
-           radial: bool = False, per_row: bool = True):
-    """Loss of one block of rows; accumulates the weighted gradients into ``grads`` when given.
+           radial: bool = False, per_row: bool = True, scale: float = 1.0):
+    """Loss of one block of rows over all ``K`` candidates; accumulates the gradients into ``grads`` when given.
 
-    ``weights``: ``(b,)`` per-row upstream gradient, or ``None`` for a constant 1
-    (the caller scales). ``radial``: add each row's radial NLL at its (single)
-    positive column. ``per_row``: return the ``(b,)`` losses, else only their sum
-    (cheaper: whole-block dots instead of row dots). Returns ``(loss, true (b, K) or None)``.
+    ``weights``: ``(b,)`` per-row upstream gradient, or ``None`` for a constant 1;
+    the gradients are multiplied by ``scale`` as well (``1/N`` for ``mean``).
+    ``radial``: add each row's radial NLL at its (single) positive column.
+    ``per_row``: return the ``(b,)`` losses, else only their sum (cheaper: whole-block
+    dots instead of row dots). Returns ``(loss, true (b, K) or None)``.
     """
-    d = x.shape[1]
+    d, k = x.shape[1], c.shape[0]
     xb = x[rows]
     x_sq = _row_mean_square(xb)
     s = geometry.shifted_logits_addmm(xb, c, g, centroid_sq)
-    g_xsq = x_sq.mul_(g)
+    g_xsq = x_sq * g
+    columns = positives.columns[rows] if positives.columns is not None else None
+    # the logit at each row's positive (the radial distance and the smoothed targets' dot need it)
+    s_pos = s.gather(1, columns.unsqueeze(1)).squeeze(1) if columns is not None else None
     true = None
     if want_true:   # the reference's clamp(s - g|x|^2/D, max=0)
         true = torch.sub(s, g_xsq.unsqueeze(1)).clamp_(max=0.0)
+    p = None
     if distill and ls > 0:
-        # softmax(where(pos, 0, min(s - g|x|^2/D, 0)/ls)) == softmax(where(pos, g|x|^2/D, min(s, g|x|^2/D))/ls);
-        # the row maximum is g|x|^2/D (at the positives): the floor is EXP_FLOOR * ls below it
-        z = torch.clamp(s, min=g_xsq.unsqueeze(1) - EXP_FLOOR * ls, max=g_xsq.unsqueeze(1))
-        positives.set_in_block(z, rows, g_xsq)
-        p = _softmax_(z.mul_(1.0 / ls))
+        # softmax(where(pos, 0, min(s - g|x|^2/D, 0) / ls)): the row maximum is 0 (at the positives),
+        # the floor EXP_FLOOR below it (scalar bounds: torch's clamp is much slower with tensor ones)
+        if true is not None:
+            z = torch.mul(true, 1.0 / ls).clamp_(min=-EXP_FLOOR)
+        else:
+            z = torch.sub(s, g_xsq.unsqueeze(1)).mul_(1.0 / ls).clamp_(min=-EXP_FLOOR, max=0.0)
+        positives.set_in_block(z, rows, x_sq.new_zeros(()).expand(z.shape[0]))
+        p = _softmax_(z)
         del z
+        target_dot = _rowdot(p, s) if per_row else _flat_dot(p, s)
+    elif columns is not None:
+        # label smoothing (or its ls -> 0 limit with distillation), one positive per row: the targets are
+        # ls/K everywhere plus 1 - ls at the positive, and are never stored
+        row_sums = s.sum(dim=1) if per_row else s.sum()
+        target_dot = (row_sums * (ls / k)).add_(s_pos if per_row else s_pos.sum(), alpha=1.0 - ls)
     else:
-        # label smoothing, or its ls -> 0 limit with distillation: ls/K + (1 - ls) spread over the positives
+        # label smoothing with several positives: ls/K + (1 - ls) spread over the positives
         mask = positives.block_mask(rows, tuple(s.shape), s.device)
         share = (1.0 - ls) / mask.sum(dim=1, keepdim=True).to(s.dtype)
-        p = torch.where(mask, share + ls / s.shape[1], torch.full_like(s, ls / s.shape[1]))
+        p = torch.where(mask, share + ls / k, torch.full_like(s, ls / k))
         del mask
-    target_dot = _rowdot(p, s) if per_row else _flat_dot(p, s)
+        target_dot = _rowdot(p, s) if per_row else _flat_dot(p, s)
     # exp(s - max) in the logits' own buffer (torch's logsumexp would allocate a (b, K) temporary)
     row_max = s.amax(dim=1, keepdim=True)
     e = s.sub_(row_max).clamp_(min=-EXP_FLOOR).exp_()
     s = None
     row_max = row_max.squeeze(1)
     lse = torch.logaddexp(e.sum(dim=1).log_().add_(row_max), torch.tensor(bias, dtype=e.dtype, device=e.device))
-    grad = radial_pull = None
+    nll = w = None
+    if radial:
+        r_sq, direct, offset = _radial_distances(xb, c, columns, x_sq, s_pos, g, centroid_sq)
+        nll, w = geometry.radial_nll_and_grad(r_sq, d)
     if grads is not None:
         # d ce / d s = softmax over [s, bias] - p, at the K candidates (the abstain column has no
         # parameters): exp(s - lse) = e * exp(max - lse), formed in the same buffer
-        grad = e.mul_(row_max.sub_(lse).clamp_(min=-EXP_FLOOR).exp_().unsqueeze(1)).sub_(p)
-        if weights is not None:
-            grad.mul_(weights.unsqueeze(1))
-    e = p = None
-    if radial:   # after p is gone, so its (b, D) buffer does not raise the peak
-        # c_y - x, taken directly (not from the logits) so that an embedding on its centroid
-        # gives exactly the faithful value
-        columns = positives.columns[rows]
-        offset = torch.index_select(c, 0, columns).sub_(xb)
-        nll, coefficient = geometry.radial_nll_and_grad(_row_mean_square(offset), d)
-        if grads is not None:
-            # d nll / d c_y = coefficient * (c_y - x) = -d nll / d x, with d r_sq / d x = 2 (x - c_y) / D
-            coefficient.mul_(2.0 / d)
-            if weights is not None:
-                coefficient.mul_(weights)
-            radial_pull = offset.mul_(coefficient.unsqueeze(1))
-            grads["c"].index_add_(0, columns, radial_pull)
-        offset = None
-    if grad is not None:
-        _accumulate(grads, grad, xb, c, g, centroid_sq, rows, dx_extra=radial_pull)
+        factor = row_max.sub_(lse).clamp_(min=-EXP_FLOOR).exp_()
+        row_scale = None if weights is None else weights * scale
+        if row_scale is None:
+            grad = e.mul_(factor.mul_(scale).unsqueeze(1))
+            if p is not None:
+                grad.sub_(p, alpha=scale)
+            else:
+                grad.sub_(scale * ls / k)
+        else:
+            grad = e.mul_(factor.mul_(row_scale).unsqueeze(1))
+            if p is not None:
+                grad.sub_(p.mul_(row_scale.unsqueeze(1)))
+            else:
+                grad.sub_(row_scale.unsqueeze(1) * (ls / k))
+        e = p = None
+        alpha = 2.0 * g / d
+        if not (distill and ls > 0) and columns is not None:
+            # the smoothed targets' 1 - ls at the positive
+            pos_weight = torch.full_like(x_sq, (1.0 - ls) * scale) if row_scale is None else row_scale * (1.0 - ls)
+            grad.scatter_add_(1, columns.unsqueeze(1), pos_weight.neg_().unsqueeze(1))
+        pull = None
+        if radial:
+            # d nll / d x = w' (x - c_y) and d nll / d c_y = w' (c_y - x), w' = d nll / d r_sq * 2/D
+            w.mul_(2.0 / d).mul_(scale if row_scale is None else row_scale)
+            if direct is None:   # every row from its c_y - x (off the CPU)
+                pull, pull_rows, w = offset.mul_(w.unsqueeze(1)), None, None
+            else:
+                # the c_y part is the logit gradient's at (i, y_i) with -w'/alpha added, so it rides in the
+                # matmuls below, and the x part is a row scaling of x; except on the rows taken directly,
+                # where w' is large and the two parts would cancel: those from their c_y - x
+                if direct.numel():
+                    pull, pull_rows = offset.mul_(w[direct].unsqueeze(1)), direct
+                    w[direct] = 0.0
+                grad.scatter_add_(1, columns.unsqueeze(1), (w * (-1.0 / alpha)).unsqueeze(1))
+        _accumulate(grads, grad, xb, c, g, centroid_sq, rows, dx_rows=w,
+                    g_correction=None if w is None else (w @ s_pos) / (alpha * g))
+        if pull is not None:
+            grads["c"].index_add_(0, columns if pull_rows is None else columns[pull_rows], pull)
+            if pull_rows is None:
+                grads["x"][rows].sub_(pull)
+            else:
+                grads["x"].index_add_(0, pull_rows + rows.start, pull, alpha=-1.0)
     if per_row:
         ce = lse.sub_(target_dot)
         return (ce.add_(nll) if radial else ce), true
@@ -179,44 +276,162 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
 
 
 def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: float, centroid_sq: Tensor,
-                rows: slice, dx_extra: Tensor | None = None, x_sq_weight: Tensor | None = None) -> None:
+                rows: slice, dx_rows: Tensor | None = None, x_sq_weight: Tensor | None = None,
+                g_correction: Tensor | None = None) -> None:
     """Add the gradients of ``sum_ij grad_ij * s_ij`` (and of the extra terms below) for one block of rows.
 
     ``s_ij = g (2 x_i.c_j - |c_j|^2) / D``: with ``col = sum_i grad_ij``,
     ``dx = 2g/D grad @ c``, ``dc = 2g/D (grad^T x - col c)`` and
     ``dg = 2/D <grad^T x, c> - col . |c|^2/D`` (the ``K x D`` product serves both,
     so the temperature costs no pass over ``x``).
-    ``dx_extra`` (b, D) is subtracted from ``dx`` inside the matmul (the radial term);
-    ``x_sq_weight`` (b,) adds ``-g * w_i * |x_i|^2/D`` (the true logits' row constant).
+    ``dx_rows`` (b,) adds ``dx_rows[i] * x_i`` to ``dx`` (the radial term's part);
+    ``x_sq_weight`` (b,) adds ``-g * w_i * |x_i|^2/D`` (the true logits' row constant);
+    ``g_correction`` is added to ``dg``.
     """
     d = xb.shape[1]
     alpha = 2.0 * g / d
     grad_x = grad.T @ xb
     col = grad.sum(dim=0)
-    grads["g"] += (2.0 / d) * _flat_dot(grad_x, c) - col @ centroid_sq
+    dg = (2.0 / d) * _flat_dot(grad_x, c) - col @ centroid_sq
+    grads["g"] += dg if g_correction is None else dg + g_correction
     grads["c"].add_(grad_x, alpha=alpha).addcmul_(col.unsqueeze(1), c, value=-alpha)
     if grads["x"] is None and rows.start == 0 and rows.stop == grads["n"]:
-        # one block: its gradient becomes x's (no copy), the radial term riding in the matmul's beta
-        if dx_extra is None:
+        # one block: its gradient becomes x's (no copy)
+        if dx_rows is None:
             out = torch.addmm(xb, grad, c, beta=0.0, alpha=alpha)   # beta=0: xb only gives the shape
-        else:   # in dx_extra's own buffer
-            out = dx_extra.addmm_(grad, c, beta=-1.0, alpha=alpha)
+        else:
+            out = torch.mul(xb, dx_rows.unsqueeze(1)).addmm_(grad, c, alpha=alpha)
         grads["x"] = out
     else:
         if grads["x"] is None:
             grads["x"] = xb.new_zeros((grads["n"], d))
         out = grads["x"][rows]
+        if dx_rows is not None:
+            out.addcmul_(xb, dx_rows.unsqueeze(1))
         out.addmm_(grad, c, alpha=alpha)
-        if dx_extra is not None:
-            out.sub_(dx_extra)
     if x_sq_weight is not None:
         out.addcmul_(xb, x_sq_weight.unsqueeze(1), value=-alpha)
         grads["g"] -= x_sq_weight @ _row_mean_square(xb)
 
 
+def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float,
+                         distill: bool, positives: Positives, rows: slice, weights: Tensor | None,
+                         grads: dict[str, Any] | None, radial: bool, per_row: bool, scale: float,
+                         class_chunk: int):
+    """:func:`_block` for a block of rows whose ``b x K`` logits are too many to hold: ``class_chunk``
+    candidates at a time, in two passes.
+
+    The first pass combines each chunk's log-sum-exp (and the targets' normaliser and dot product) into
+    the row's; the second, only when gradients are wanted, recomputes each chunk's logits and forms
+    ``d ce / d s = q - p`` and its products chunk by chunk. Peak memory: three ``b x class_chunk`` buffers.
+    """
+    d, k = x.shape[1], c.shape[0]
+    alpha = 2.0 * g / d
+    xb = x[rows]
+    b = xb.shape[0]
+    g_xsq = _row_mean_square(xb).mul_(g).unsqueeze(1)
+    chunks = [slice(start, min(start + class_chunk, k)) for start in range(0, k, class_chunk)]
+    zero = xb.new_zeros(b)
+    run_max = xb.new_full((b,), float("-inf"))
+    run_sum = xb.new_zeros(b)
+    target_norm, target_dot, n_pos, pos_sum, all_sum = xb.new_zeros(b), xb.new_zeros(b), None, None, None
+    smoothed = not (distill and ls > 0)
+    if smoothed:
+        n_pos, pos_sum, all_sum = xb.new_zeros(b), xb.new_zeros(b), xb.new_zeros(b)
+
+    def logits(cols: slice) -> Tensor:
+        return torch.addmm(centroid_sq[cols], xb, c[cols].T, beta=-g, alpha=alpha)
+
+    def distill_weights(s: Tensor, cols: slice) -> Tensor:
+        """``exp(t)`` of the targets' logits ``t = where(pos, 0, max(min(s - g|x|^2/D, 0), -floor) / ls)``."""
+        z = torch.sub(s, g_xsq).clamp_(min=-EXP_FLOOR * ls, max=0.0)
+        positives.set_in_block(z, rows, zero, cols)
+        return z.mul_(1.0 / ls).exp_()
+
+    for cols in chunks:   # pass 1: the row statistics
+        s = logits(cols)
+        if smoothed:
+            mask = positives.block_mask(rows, tuple(s.shape), s.device, cols)
+            n_pos += mask.sum(dim=1)
+            pos_sum += torch.where(mask, s, 0.0).sum(dim=1)
+            all_sum += s.sum(dim=1)
+            del mask
+        else:
+            t = distill_weights(s, cols)
+            target_norm += t.sum(dim=1)
+            target_dot += _rowdot(t, s)
+            del t
+        chunk_max = s.amax(dim=1)
+        chunk_sum = s.sub_(chunk_max.unsqueeze(1)).clamp_(min=-EXP_FLOOR).exp_().sum(dim=1)
+        new_max = torch.maximum(run_max, chunk_max)
+        run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(chunk_sum.mul_((chunk_max - new_max).exp_()))
+        run_max = new_max
+        del s
+    lse = torch.logaddexp(run_sum.log().add_(run_max), torch.tensor(bias, dtype=xb.dtype, device=xb.device))
+    if smoothed:
+        target_dot = all_sum.mul_(ls / k).add_(pos_sum.mul_((1.0 - ls) / n_pos))
+    else:
+        target_dot = target_dot.div_(target_norm)
+    ce = lse - target_dot
+    offset = None
+    if radial:   # c_y - x, taken directly: a few (b, D) passes, small beside the (b, K) work
+        columns = positives.columns[rows]
+        offset = torch.index_select(c, 0, columns).sub_(xb)
+        nll, coefficient = geometry.radial_nll_and_grad(_row_mean_square(offset), d)
+        ce.add_(nll)
+    if grads is not None:
+        row_scale = xb.new_full((b,), scale) if weights is None else weights * scale
+        # q = exp(max(s - max, -floor) + max(max - lse, -floor)), as in the one-pass block
+        shift = run_max - (run_max - lse).clamp_(min=-EXP_FLOOR)
+        floor = (run_max - EXP_FLOOR).unsqueeze(1)
+        if grads["x"] is None:
+            grads["x"] = xb.new_zeros((grads["n"], d))
+        dx = grads["x"][rows]
+        if smoothed:
+            pos_weight = (row_scale * (1.0 - ls) / n_pos).unsqueeze(1)
+            flat = (row_scale * (ls / k)).unsqueeze(1)
+        else:
+            inverse_norm = row_scale.div(target_norm).unsqueeze(1)
+        scale_col = row_scale.unsqueeze(1)
+        for cols in chunks:   # pass 2: the gradients
+            s = logits(cols)
+            grad = torch.clamp(s, min=floor).sub_(shift.unsqueeze(1)).exp_().mul_(scale_col)
+            if smoothed:
+                mask = positives.block_mask(rows, tuple(s.shape), s.device, cols)
+                grad.sub_(flat).sub_(torch.where(mask, pos_weight, 0.0))
+                del mask
+            else:
+                grad.sub_(distill_weights(s, cols).mul_(inverse_norm))
+            grads["g"] += _flat_dot(grad, s) / g
+            del s
+            dc = grads["c"][cols]
+            dc.addmm_(grad.T, xb, alpha=alpha).addcmul_(grad.sum(dim=0).unsqueeze(1), c[cols], value=-alpha)
+            dx.addmm_(grad, c[cols], alpha=alpha)
+            del grad
+        if radial:
+            coefficient.mul_(row_scale).mul_(2.0 / d)
+            radial_pull = offset.mul_(coefficient.unsqueeze(1))
+            grads["c"].index_add_(0, columns, radial_pull)
+            dx.sub_(radial_pull)
+    return (ce if per_row else ce.sum()), None
+
+
 def _blocks(n: int, chunk_rows: int | None):
     step = chunk_rows or n
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _run_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
+               positives: Positives, rows: slice, weights: Tensor | None, want_true: bool,
+               grads: dict[str, Any] | None, radial: bool, per_row: bool, scale: float, chunk_rows: int | None):
+    """One block of rows: over all candidates at once, or (chunked mode, more than
+    :data:`CLASS_CHUNK_ELEMENTS` logits in the block) over chunks of candidates."""
+    b, k = rows.stop - rows.start, c.shape[0]
+    if chunk_rows is not None and b * k > CLASS_CHUNK_ELEMENTS:
+        return _class_chunked_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, weights, grads,
+                                    radial, per_row, scale, max(1, CLASS_CHUNK_ELEMENTS // b))
+    return _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, weights, want_true, grads, radial,
+                  per_row, scale)
 
 
 def _new_grads(x: Tensor, c: Tensor) -> dict[str, Any]:
@@ -239,15 +454,19 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         # the gradients are formed while the logits are in memory, unless no backward can follow
         precompute = reduced and any(ctx.needs_input_grad[:3])
         grads = _new_grads(x, c) if precompute else None
+        scale = 1.0 / n if reduction == "mean" else 1.0
         losses, trues = [], []
         for rows in _blocks(n, chunk_rows):
-            ce, true = _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, want_true, grads,
-                              radial, per_row=not reduced)
+            # the precomputed gradients carry the 1/N already: the backward scales only by a grad_out != 1
+            ce, true = _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, want_true, grads,
+                                  radial, not reduced, scale, chunk_rows)
             losses.append(ce)
             if true is not None:
                 trues.append(true)
-        scale = 1.0 / n if reduction == "mean" else 1.0
-        out = torch.stack(losses).sum() * scale if reduced else torch.cat(losses)
+        if reduced:
+            out = (losses[0] if len(losses) == 1 else torch.stack(losses).sum()) * scale
+        else:
+            out = losses[0] if len(losses) == 1 else torch.cat(losses)
         # (a single block is returned as it is: cat would copy the whole (N, K) matrix)
         true = (trues[0] if len(trues) == 1 else torch.cat(trues)) if want_true else x.new_empty(0)
         ctx.setup = (positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial)
@@ -265,24 +484,28 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial = ctx.setup
         x, c, gamma = ctx.saved_tensors
         g = float(gamma)
-        centroid_sq = _row_mean_square(c)
         pre, ctx.precomputed = ctx.precomputed, None
+        needs_logits = pre is None or (want_true and grad_true is not None)
+        centroid_sq = _row_mean_square(c) if needs_logits else None
         if grad_out is not None and reduction != "none":
             if pre is None:  # a second backward through a retained graph: the same operations again
                 grads = _new_grads(x, c)
                 for rows in _blocks(x.shape[0], chunk_rows):
-                    _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, False, grads, radial,
-                           per_row=False)
+                    _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, False, grads, radial,
+                               False, scale, chunk_rows)
                 pre = (_x_grad(grads, x), grads["c"], grads["g"])
-            # scaled in place and handed over: autograd can keep them as .grad without a copy
-            factor = grad_out * scale
-            grads = {"x": pre[0].mul_(factor), "c": pre[1].mul_(factor), "g": pre[2] * factor}
+            # handed over (scaled in place unless grad_out is 1, as for loss.backward() on CPU): autograd
+            # can keep them as .grad without a copy
+            if grad_out.device.type == "cpu" and not grad_out.requires_grad and float(grad_out) == 1.0:
+                grads = {"x": pre[0], "c": pre[1], "g": pre[2]}
+            else:
+                grads = {"x": pre[0].mul_(grad_out), "c": pre[1].mul_(grad_out), "g": pre[2] * grad_out}
         else:
             grads = _new_grads(x, c)
             if grad_out is not None:  # reduction "none": recompute every block with its rows' weights
                 for rows in _blocks(x.shape[0], chunk_rows):
-                    _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False, grads,
-                           radial, per_row=False)
+                    _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False,
+                               grads, radial, False, 1.0, chunk_rows)
         if want_true and grad_true is not None:
             for rows in _blocks(x.shape[0], chunk_rows):
                 xb = x[rows]
