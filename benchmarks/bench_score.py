@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import sys
 import tempfile
@@ -124,7 +125,7 @@ def scoring_throughput(device: torch.device, model_name: str, pairs: int, batch:
     """Pairs per second of both sides (median of interleaved repeats) and halo-embed's ratio to open_clip's."""
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         inputs = make_inputs(Path(tmp), model_name, pairs)
-        runs = iter(range(10**6))  # a new output file per call: a finished output is never overwritten
+        runs = itertools.count()  # a new output file per call: a finished output is never overwritten
         variants = {
             "open_clip encode + cosine": lambda: open_clip_scores(inputs, model_name, device, batch, workers,
                                                                   Path(tmp) / f"open_clip-{next(runs)}.csv"),

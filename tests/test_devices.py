@@ -109,8 +109,9 @@ def test_exactly_one_faiss_package():
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_every_faiss_index_kind_runs_on_the_cpu(kind):
     """Whatever the FAISS build, each index kind answers on the CPU (and with use_gpu=None where no GPU is)."""
-    from halo_embed.eval.retrieval import VectorIndex
+    from halo_embed.eval.retrieval import VectorIndex, faiss_has_gpu, import_faiss
 
+    gpu = faiss_has_gpu(import_faiss())  # False for faiss-cpu, or faiss-gpu without a CUDA device
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2000, 32, generator=g)
     queries = base[:40] + 0.01 * torch.randn(40, 32, generator=g)
@@ -118,7 +119,7 @@ def test_every_faiss_index_kind_runs_on_the_cpu(kind):
         exact = VectorIndex(base, metric, "torch").search(queries, 5)
         for use_gpu in (False, None):
             index = VectorIndex(base, metric, "faiss", kind, use_gpu=use_gpu, nlist=16, nprobe=16)
-            assert index.on_gpu == (use_gpu is None and torch.cuda.is_available() and kind != "hnsw")
+            assert index.on_gpu == (use_gpu is None and gpu and kind != "hnsw")
             found = index.search(queries, 5)
             assert torch.equal(found.indices[:, 0], torch.arange(40))  # each query's own item first
             overlap = (found.indices[:, :, None] == exact.indices[:, None, :]).any(-1).float().mean()

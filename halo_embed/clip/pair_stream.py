@@ -161,13 +161,12 @@ class ScoreJournal:
         self._handle = None
         self._last_sync = time.monotonic()
 
-    def start(self) -> int:
-        """Create the journal (it must not exist); returns 0, the rows already done."""
+    def start(self) -> None:
+        """Create the journal (it must not exist)."""
         self._handle = open(self.path, "x", encoding="utf-8")
         self._handle.write(json.dumps({"format": JOURNAL_FORMAT, "batch_size": self.batch_size,
                                        **self.header}) + "\n")
         self._handle.flush()
-        return 0
 
     def resume(self) -> int:
         """Reopen an interrupted run's journal; returns the rows kept (whole batches of that run).

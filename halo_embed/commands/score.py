@@ -145,7 +145,7 @@ def _batch(args: argparse.Namespace) -> int:
         done = journal.resume() if journal_path.exists() else None  # checked before the model is loaded
     scorer = _scorer(args)
     if journal is not None and done is None:
-        done = journal.start()
+        journal.start()
     done = done or 0
     backbone = scorer.model.backbone
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize; no threads across a fork

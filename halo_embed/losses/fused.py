@@ -330,7 +330,7 @@ def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bi
     xb = x[rows]
     b = xb.shape[0]
     g_xsq = _row_mean_square(xb).mul_(g).unsqueeze(1)
-    chunks = [slice(start, min(start + class_chunk, k)) for start in range(0, k, class_chunk)]
+    chunks = _blocks(k, class_chunk)
     zero = xb.new_zeros(b)
     run_max = xb.new_full((b,), float("-inf"))
     run_sum = xb.new_zeros(b)
@@ -340,7 +340,7 @@ def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bi
         n_pos, pos_sum, all_sum = xb.new_zeros(b), xb.new_zeros(b), xb.new_zeros(b)
 
     def logits(cols: slice) -> Tensor:
-        return torch.addmm(centroid_sq[cols], xb, c[cols].T, beta=-g, alpha=alpha)
+        return geometry.shifted_logits_addmm(xb, c[cols], g, centroid_sq[cols])
 
     def distill_weights(s: Tensor, cols: slice) -> Tensor:
         """``exp(t)`` of the targets' logits ``t = where(pos, 0, max(min(s - g|x|^2/D, 0), -floor) / ls)``."""
