@@ -1,6 +1,6 @@
 """The fused HALO loss of an earlier commit against the current one, in one process.
 
-Usage: python benchmarks/bench_fused_versions.py [--commit 8c41247] [--repeats 41]
+Usage: python benchmarks/bench_fused_versions.py [--commit 8c41247] [--repeats 41] [--block 10] [--control]
 
 The development machines are shared VMs whose speed drifts between sessions,
 so a change to the fused loss is judged here: the file
@@ -9,7 +9,9 @@ beside the current one, and both run inside the same ``HALOLoss`` against
 ``F.linear`` + ``F.cross_entropy(label_smoothing=0.1)``, interleaved, forward +
 backward, at the sizes of ``bench_halo_loss.py`` and on "wide" data (embeddings
 scaled by 12, so most logits lie far below their row's maximum, as after
-training with a large temperature).
+training with a large temperature). ``--block`` times runs of consecutive steps
+(steady state, as in a training loop) instead of alternating single steps, and
+``--control`` adds an A/A row that shows the comparison's own noise.
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commit", default="8c41247")
     parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--block", type=int, default=1,
+                        help="timed calls in a row per turn of a variant, after an untimed one (see interleaved_times)")
+    parser.add_argument("--control", action="store_true",
+                        help="time the current version twice (an A/A row: the noise of the comparison)")
     args = parser.parse_args()
     old = load_fused_at(args.commit)
-    rows, payload = [], {"commit": args.commit}
+    rows, payload = [], {"commit": args.commit, "block": args.block}
     for name, (n, d, k, scale) in CASES.items():
         data = LossSteps(n, d, k, scale)
 
@@ -68,15 +74,17 @@ def main() -> None:
                                         Positives=module.Positives)
 
         try:
-            times = interleaved_times({"linear+cross_entropy": data.cross_entropy,
-                                       f"fused at {args.commit}": data.halo(use(old)),
-                                       "fused now": data.halo(use(current))}, repeats=args.repeats, warmup=3)
+            variants = {"linear+cross_entropy": data.cross_entropy, f"fused at {args.commit}": data.halo(use(old)),
+                        "fused now": data.halo(use(current))}
+            if args.control:
+                variants["fused now (again)"] = data.halo(use(current))
+            times = interleaved_times(variants, repeats=args.repeats, warmup=3, block=args.block)
         finally:
             use(current)()
         base = times["linear+cross_entropy"]
         rows += [[name, variant, f"{1000 * t:.2f}", f"{t / base:.2f}"] for variant, t in times.items()]
         payload[name] = times
-    print(f"forward+backward on cpu, {torch.get_num_threads()} threads, same process")
+    print(f"forward+backward on cpu, {torch.get_num_threads()} threads, same process, block {args.block}")
     print_table(["N x D x K", "variant", "ms", "time ratio"], rows)
     save("fused_versions", payload)
 

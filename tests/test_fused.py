@@ -145,16 +145,18 @@ def test_no_grad_forward_gives_the_same_loss():
     assert rel_err(cheap, full.detach()) <= 1e-6
 
 
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_in_place_softmax_matches_torch(contiguous):
-    # both branches: torch's CPU kernel through out=, and the spelled-out form used on other devices
-    from halo_embed.losses.fused import _softmax_
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-14), (torch.float32, 3e-6)])
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_in_place_exp_matches_torch(dtype, rtol, scale):
+    # the CPU form (exp2 of log2-scaled arguments) against torch.exp of the same values, down to the floor
+    from halo_embed.losses.fused import EXP_FLOOR, _exp_
 
-    logits = torch.randn(40, 9, dtype=torch.float64) * 30
-    block = logits.clone() if contiguous else logits.t().contiguous().t()
-    out = _softmax_(block)
+    z = torch.linspace(-EXP_FLOOR / scale, 0.0, 10_001, dtype=torch.float64).to(dtype).reshape(73, 137)
+    block = z.clone()
+    out = _exp_(block, scale)
     assert out.data_ptr() == block.data_ptr()
-    torch.testing.assert_close(out, torch.softmax(logits, dim=1), rtol=1e-12, atol=1e-15)
+    reference = torch.exp(z.double() * scale)
+    assert ((out.double() - reference).abs() / reference).max().item() <= rtol
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])
@@ -267,3 +269,4 @@ def test_radial_distance_near_the_centroid(monkeypatch, chunk_size, cancellation
         assert rel_err(fast[4], faithful[4]) <= 1e-3
     else:
         assert worst > 1e-3
+

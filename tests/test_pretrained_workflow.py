@@ -330,7 +330,7 @@ def test_clip_baseline_follows_open_clip_trainer(tiny_model_dirs, tmp_path, caps
     with torch.no_grad():
         model.logit_scale.fill_(5.0)
     model.clamp_logit_scale()
-    assert float(model.logit_scale) == pytest.approx(math.log(100.0))
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
     decay, no_decay = (set(map(id, g["params"])) for g in parameter_groups(model, 0.1))
     named = dict(model.named_parameters())
