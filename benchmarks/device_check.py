@@ -7,7 +7,9 @@ Usage:
 What it runs, each part on its own so one failure does not stop the rest:
 
 1. the environment (torch, CUDA device, faiss GPU support);
-2. the tests marked ``cuda`` and their CPU twins (``tests/test_devices.py``);
+2. the tests marked ``cuda`` and their CPU twins (``tests/test_devices.py``, plus
+   :data:`CUDA_TESTS`: one CIFAR epoch in bf16 + channels-last, the 2-process
+   paired loss over NCCL where two GPUs exist);
 3. HALOLoss (fused) against ``F.linear`` + ``F.cross_entropy(label_smoothing=0.1)``,
    forward + backward, at (N, D, K) = (1024, 512, 1000), (4096, 128, 100) and
    (65,536, 512, 32,000);
@@ -209,11 +211,20 @@ def cifar_compare(device: torch.device, source: Path | None, seconds: float, dry
     return result
 
 
+#: The tests marked ``cuda`` outside ``tests/test_devices.py`` (they skip without a GPU, or two).
+CUDA_TESTS = ("tests/test_cifar_recipe.py::test_one_epoch_on_cuda_in_bf16_and_channels_last",
+              "tests/test_paired_loss.py::test_two_gpus_over_nccl_equal_one_process")
+
+
 def device_tests() -> dict[str, Any]:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py", "-rs"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py", *CUDA_TESTS,
+               "-rs"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = done.stdout.strip().splitlines()
-    return {"returncode": done.returncode, "summary": lines[-1] if lines else "", "tail": "\n".join(lines[-15:])}
+    result = {"returncode": done.returncode, "summary": lines[-1] if lines else "", "tail": "\n".join(lines[-15:])}
+    if done.returncode:   # a failing test, or a test id that no longer exists (pytest exits 4), fails the check
+        result.update(ok=False, error=f"pytest exited {done.returncode}: {result['summary'] or done.stderr[-300:]}")
+    return result
 
 
 def run_part(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
@@ -275,7 +286,7 @@ def main() -> int:
     results: dict[str, Any] = {"environment": hardware()}
     parts = set(args.parts)
     if "tests" in parts:
-        run_part(results, "cuda tests (tests/test_devices.py)", device_tests)
+        run_part(results, "cuda tests (tests/test_devices.py and CUDA_TESTS)", device_tests)
     for full, tiny in LOSS_SIZES if "losses" in parts else ():
         n, d, k = tiny if dry else full
         run_part(results, f"HALOLoss vs linear+CE, N,D,K={n},{d},{k}",

@@ -1,4 +1,4 @@
-"""Worker for the 2-process test of PairedHALOLoss (gloo on CPU), started by torch.multiprocessing."""
+"""Workers for the 2-process tests of PairedHALOLoss (gloo on CPU, NCCL on two GPUs), started by torch.multiprocessing."""
 
 import os
 import sys
@@ -42,20 +42,26 @@ def leave() -> None:
     os._exit(0)
 
 
-def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None):
+def worker(rank, world_size, init_file, out_dir, loss_kwargs, normalization=None, backend="gloo"):
+    """One rank of DDP over the paired loss: gloo on the CPU, or NCCL with rank ``r`` on GPU ``r``."""
     from halo_embed.losses import PairedHALOLoss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs), normalization)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        x_img, x_txt, ids = global_batch()
+        model = PairModel(PairedHALOLoss(8, num_candidates=8, **loss_kwargs), normalization).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if backend == "nccl" else None)
+        x_img, x_txt, ids = (t.to(device) for t in global_batch())
         shard = slice(rank * 4, (rank + 1) * 4)
         loss = ddp(x_img[shard], x_txt[shard], ids[shard])
         loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        torch.save({"loss": loss.detach(), "grads": grads, "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
+        grads = {name: p.grad.cpu() for name, p in model.named_parameters()}
+        buffers = {name: b.cpu() for name, b in model.named_buffers()}
+        torch.save({"loss": loss.detach().cpu(), "grads": grads, "buffers": buffers},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         del ddp  # DDP's reducer must be gone, and both ranks done, before the group is torn down
         dist.barrier()
     finally:

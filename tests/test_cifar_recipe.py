@@ -124,6 +124,38 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
     assert torch.equal(a["criterion"]["gamma"], b["criterion"]["gamma"])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", ["halo", "cce"])
+def test_one_epoch_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monkeypatch, loss):
+    """On a GPU the recipe trains in bf16 autocast on channels-last batches (the published setting's speed):
+    every training forward sees both, and the epoch ends with finite weights and metrics."""
+    from dataclasses import replace
+
+    seen = []
+    build = cifar.build
+
+    def build_and_watch(config, num_classes):
+        model, criterion = build(config, num_classes)
+
+        def record(module, args):
+            x = args[0]
+            if module.training:
+                seen.append((x.is_cuda, x.is_contiguous(memory_format=torch.channels_last),
+                             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+        model.register_forward_pre_hook(record)
+        return model, criterion
+
+    monkeypatch.setattr(cifar, "build", build_and_watch)
+    config = cifar.configs_from_args(parse(["--loss", loss, *common(tiny_cifar, tmp_path), "--epochs", "1",
+                                            "--device", "cuda"]))[0]
+    cifar.train(replace(config, name="gpu"), cifar.load_data(config))
+    assert seen and set(seen) == {(True, True, True, torch.bfloat16)}
+    state = torch.load(tmp_path / "gpu" / loss / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    metrics = json.loads((tmp_path / "gpu" / loss / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["accuracy"] <= 1
+
+
 def test_presets_and_validation():
     config = cifar.apply_preset(cifar.CifarConfig(preset="small", epochs=7), explicit={"epochs"})
     assert config.width == 16 and config.epochs == 7 and config.train_limit == 10000
