@@ -269,4 +269,3 @@ def test_radial_distance_near_the_centroid(monkeypatch, chunk_size, cancellation
         assert rel_err(fast[4], faithful[4]) <= 1e-3
     else:
         assert worst > 1e-3
-
