@@ -51,7 +51,7 @@ def main() -> None:
         model = build_model(config)
         if loss == "halo":
             batches = make_batches(model.backbone, args.batch_size, 4)
-            model.calibrate((p, t) for p, t, _ in batches)
+            model.fit_adapter((p, t) for p, t, _ in batches)
         optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4)
         runs[loss] = (model.train(), optimizer)
 

@@ -55,7 +55,7 @@ def build(model_name: str, loss: str, batch_size: int):
                          label_smoothing=defaults.label_smoothing, rejection_weight=defaults.rejection_weight,
                          norm_weight=defaults.norm_weight, normalization=defaults.normalization,
                          momentum=defaults.normalization_momentum)
-        model.calibrate([batch[:2]])
+        model.fit_adapter([batch[:2]])
     else:
         model = ContrastiveCLIP(backbone, "clip")
     optimizer = torch.optim.AdamW(parameter_groups(model, defaults.wd), lr=defaults.lr,

@@ -65,7 +65,7 @@ def make_inputs(folder: Path, model_name: str, pairs: int, distinct: int = 200) 
     model = HALOCLIP(backbone, num_candidates=64)
     calibration = [(torch.stack([transform(Image.open(folder / names[j]).convert("RGB")) for j in range(s, s + 32)]),
                     backbone.tokenize(captions[s : s + 32])) for s in (0, 32)]
-    model.calibrate(calibration)
+    model.fit_adapter(calibration)
     checkpoint = save_checkpoint(model, folder / "checkpoint")
     return {"folder": folder, "weights": weights, "checkpoint": checkpoint, "pairs": folder / "pairs.csv"}
 

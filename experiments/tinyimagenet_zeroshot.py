@@ -159,7 +159,7 @@ def build(loss: str, config_path: Path, data: dict, args, calibration: Augmented
         batches.append((pixels, prompts[labels]))
         if i == 3:
             break
-    clip.calibrate(batches)
+    clip.fit_adapter(batches)
     return PrototypeClassifier(clip, data["seen_names"], [TEMPLATE], init_gamma=args.init_gamma, frozen_text=True)
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 __all__ = ["main"]
 
 #: subcommand -> module under halo_embed.commands (imported only when run)
-COMMANDS = {"demo": "demo", "score": "score", "finetune": "finetune", "wise-ft": "wise_ft", "cifar": "cifar"}
+COMMANDS = {"demo": "demo", "score": "score", "calibrate": "calibrate", "finetune": "finetune", "wise-ft": "wise_ft",
+            "cifar": "cifar"}
 
 
 def build_parser() -> argparse.ArgumentParser:

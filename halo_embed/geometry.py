@@ -41,6 +41,7 @@ __all__ = [
     "mean_square",
     "mean_squared_distances",
     "pad_abstain_target",
+    "pair_decision",
     "pair_logits",
     "pair_mean_square",
     "radial_nll",
@@ -219,6 +220,26 @@ def pair_logits(images: Tensor, texts: Tensor, temperature: Tensor | float) -> T
     placed on the unit shell (:func:`unit_shell_logits` of :func:`pair_mean_square`); compared with the
     abstain bias it is the built-in accept / reject decision of the scorer and the evaluation."""
     return unit_shell_logits(pair_mean_square(images, texts), temperature)
+
+
+def pair_decision(mean_sq_distances: Tensor, temperature: Tensor | float,
+                  bias: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """HALO's accept / reject rule for pairs: the caption against the sink for the query on the unit shell.
+
+    ``logit = g (1 - |x - t|^2 / D)`` (:func:`unit_shell_logits`), ``p = sigmoid(logit - bias)`` (the
+    two-candidate softmax ``[caption, sink]``), ``accept = logit >= bias`` (``p >= 0.5``; a tie accepts,
+    as :func:`abstain_mask` lets the caption win ties).
+
+    Args:
+        mean_sq_distances: ``|x - t|^2 / D``, any shape.
+        temperature: the pair rule's temperature.
+        bias: the sink's logit.
+
+    Returns:
+        ``(logit, probability, accept)``, each of the input's shape.
+    """
+    logit = unit_shell_logits(mean_sq_distances, temperature)
+    return logit, torch.sigmoid(logit - bias), logit >= bias
 
 
 def true_logits(shifted: Tensor, embeddings: Tensor, temperature: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ def inputs(tmp_path_factory, tiny_model_dirs):
     backbone = load_backbone("open_clip", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}")
     model = HALOCLIP(backbone, num_candidates=8)
     transform = backbone.image_transform()
-    model.calibrate([(torch.stack([transform(im) for im in shape_images(8, s)]),
+    model.fit_adapter([(torch.stack([transform(im) for im in shape_images(8, s)]),
                       backbone.tokenize([f"shape {i}" for i in range(8)])) for s in range(2)])
     good = save_checkpoint(model, root / "good-ckpt")
     for name, damage in (("cut", "cut"), ("nan", "nan"), ("noconfig", "noconfig"), ("badjson", "badjson")):
@@ -152,7 +152,7 @@ def test_finetune_with_broken_inputs(inputs, tiny_model_dirs, capsys, tmp_path, 
     model = ["--model", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}"] if "--model" not in args else []
     before = snapshot(inputs["root"])
     code, err = run(capsys, ["finetune", *model, *(a.format(**paths) for a in args), "--logs", tmp_path / "runs",
-                             "--name", "r", "--no-progress", "--calibration-samples", "16"])
+                             "--name", "r", "--no-progress", "--adapter-samples", "16"])
     assert code in codes, (case, code, err)
     assert "Traceback" not in err and "internal error" not in err, err
     assert snapshot(inputs["root"]) == before

@@ -29,7 +29,7 @@ def batch(backbone, n=8, seed=0, train=False):
 
 def calibrated(backbone, num_candidates=8):
     model = HALOCLIP(backbone, num_candidates=num_candidates)
-    model.calibrate([batch(backbone, 8, s) for s in range(3)])
+    model.fit_adapter([batch(backbone, 8, s) for s in range(3)])
     return model
 
 
@@ -69,7 +69,7 @@ def test_adapter_calibration_centres_and_scales(tiny_backbone):
             # calibrated on these batches (among others): roughly centred, unit mean square
             assert 0.3 < features.pow(2).mean().item() < 3.0
     with pytest.raises(ValueError, match="text_features has D=3, the adapter has D="):
-        model.adapter.calibrate(torch.randn(4, tiny_backbone.embed_dim), torch.randn(4, 3))
+        model.adapter.fit(torch.randn(4, tiny_backbone.embed_dim), torch.randn(4, 3))
 
 
 def test_training_step_and_locking(tiny_backbone):
@@ -402,7 +402,7 @@ def test_cli_score_single_and_batch(tiny_model_dirs, tmp_path, run_cli):
 def test_running_normalization_uses_batch_statistics_in_training_and_running_ones_for_scoring():
     g = torch.Generator().manual_seed(0)
     adapter = FeatureAdapter(6, normalization="running", momentum=0.25)
-    adapter.calibrate(3 + 2 * torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g))
+    adapter.fit(3 + 2 * torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g))
     center0, scale0 = adapter.image_center.clone(), adapter.image_scale.clone()
     text_center0 = adapter.text_center.clone()
     x = (5 + 0.5 * torch.randn(16, 6, generator=g, dtype=torch.float64)).requires_grad_()
@@ -444,7 +444,7 @@ def test_adapter_validates_its_options(kwargs, error, match):
 
 def test_running_normalization_checkpoint_scores_as_trained(tiny_backbone, tmp_path):
     model = HALOCLIP(tiny_backbone, num_candidates=8, normalization="running", momentum=0.3)
-    model.calibrate([batch(tiny_backbone, 8, s) for s in range(3)])
+    model.fit_adapter([batch(tiny_backbone, 8, s) for s in range(3)])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     model.train()
     for step in range(3):
@@ -467,13 +467,14 @@ def test_running_normalization_checkpoint_scores_as_trained(tiny_backbone, tmp_p
     assert not torch.allclose(AlignmentScorer(loaded).score(images, CAPTIONS[:4]).logit, expected.logit)
 
 
-def test_scorer_refuses_an_uncalibrated_model(tiny_backbone):
-    with pytest.raises(ValueError, match="model's feature adapter is not calibrated: call model.calibrate"):
+def test_scorer_refuses_a_model_whose_adapter_has_no_statistics(tiny_backbone):
+    with pytest.raises(ValueError, match="model's feature adapter has no statistics: call model.fit_adapter"):
         AlignmentScorer(HALOCLIP(tiny_backbone, num_candidates=8))
+    AlignmentScorer(HALOCLIP(tiny_backbone, num_candidates=8, normalization="sphere"))  # needs none
 
 
 def test_adapter_refuses_identical_samples(tiny_backbone):
     model = HALOCLIP(tiny_backbone, num_candidates=8)
     same = torch.randn(1, tiny_backbone.embed_dim).repeat(6, 1)
     with pytest.raises(ValueError, match=r"text_features are \(nearly\) identical"):
-        model.adapter.calibrate(torch.randn(6, tiny_backbone.embed_dim), same)
+        model.adapter.fit(torch.randn(6, tiny_backbone.embed_dim), same)

@@ -162,7 +162,7 @@ def test_amp_bf16_finetune_resume_replays_exactly(tmp_path, tiny_model_dirs):
     def config(name, **overrides):
         return FinetuneConfig(model=f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", shapes_train_images=48,
                               shapes_val_images=24, batch_size=8, max_steps=5, save_every=3, log_every=1,
-                              eval_images=24, warmup=2, calibration_samples=16, logs=str(tmp_path), name=name,
+                              eval_images=24, warmup=2, adapter_samples=16, logs=str(tmp_path), name=name,
                               progress=False, lr=1e-3, precision="amp_bf16", report_to="none", **overrides)
 
     from accelerate.state import AcceleratorState

@@ -14,7 +14,7 @@ def tiny_config(tmp_path, model_dir, **overrides):
     values = dict(
         model=f"local-dir:{model_dir}", train_data="shapes", shapes_train_images=48, shapes_val_images=24,
         batch_size=16, epochs=1, max_steps=4, save_every=2, log_every=1, eval_images=24, warmup=2,
-        calibration_samples=32, logs=str(tmp_path), name="run", progress=False, lr=1e-3,
+        adapter_samples=32, logs=str(tmp_path), name="run", progress=False, lr=1e-3,
     )
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -44,7 +44,7 @@ def test_halo_finetune_end_to_end(tmp_path, tiny_model_dirs):
         assert retrieval[f"{direction}_R@1"] <= retrieval[f"{direction}_R@5"] <= retrieval[f"{direction}_R@10"]
     assert "builtin_threshold_accuracy" in val["rejection"]["all mismatched"]
     report = (run / "report.md").read_text()
-    assert "built-in threshold acc. %" in report and "unseen combinations" in report
+    assert "built-in decision acc. %" in report and "unseen combinations" in report
 
     from halo_embed.clip import AlignmentScorer
 
@@ -79,7 +79,7 @@ def test_a_run_never_overwrites_another(tmp_path, tiny_model_dirs, capsys):
 
     model = f"local-dir:{tiny_model_dirs['open_clip_local_dir']}"
     common = ["finetune", "--model", model, "--shapes-train-images", "48", "--shapes-val-images", "24",
-              "--batch-size", "16", "--eval-images", "24", "--calibration-samples", "32", "--warmup", "2",
+              "--batch-size", "16", "--eval-images", "24", "--adapter-samples", "32", "--warmup", "2",
               "--logs", str(tmp_path), "--name", "r", "--no-progress"]
     assert main(common + ["--max-steps", "4", "--save-every", "2"]) == 0
     run = tmp_path / "r"
@@ -166,7 +166,7 @@ def write_csv_data(tmp_path, broken=True):
 def test_csv_data_with_broken_images(tmp_path, tiny_model_dirs):
     train_csv, val_csv = write_csv_data(tmp_path)
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(train_csv),
-                         val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, calibration_samples=16)
+                         val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, adapter_samples=16)
     metrics = train(config)
     assert metrics["steps"] == 3 and metrics["skipped_images"] == 2
     # the command line says so with exit status 1 (done, some input rejected)
@@ -174,10 +174,10 @@ def test_csv_data_with_broken_images(tmp_path, tiny_model_dirs):
 
     assert main(["finetune", "--model", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", "--train-data",
                  str(train_csv), "--val-data", str(val_csv), "--epochs", "1", "--batch-size", "14",
-                 "--calibration-samples", "16", "--eval-images", "24", "--logs", str(tmp_path), "--name", "cli",
+                 "--adapter-samples", "16", "--eval-images", "24", "--logs", str(tmp_path), "--name", "cli",
                  "--no-progress"]) == 1
     strict = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(train_csv),
-                         val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, calibration_samples=16,
+                         val_data=str(val_csv), max_steps=None, epochs=1, batch_size=14, adapter_samples=16,
                          strict_images=True, name="strict")
     with pytest.raises(ValueError, match=r"broken training image \(--strict-images\): (cannot read image|image file not found)"):
         train(strict)
@@ -210,7 +210,7 @@ def test_every_image_missing_is_an_error_not_a_hang(tmp_path, tiny_model_dirs, l
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(tmp_path / "missing.csv"),
                          val_data=str(tmp_path / "missing.csv"), loss=loss, max_steps=None, epochs=3, batch_size=8)
     message = ("no training image of a whole epoch could be read" if loss == "clip"
-               else "none of the 32 calibration samples could be read")
+               else "none of the 32 samples for the adapter's statistics could be read")
     with pytest.raises(ValueError, match=rf"{message}, e.g. .*gone/\d+.png"):
         train(config)
 
@@ -230,7 +230,7 @@ def test_hf_dataset_from_disk_with_caption_lists(tmp_path, tiny_model_dirs):
     assert len(pairs) == 24 and pairs[3][1:] == ("picture 1", 1) and pairs.text_and_group(5) == ("picture 2", 2)
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(tmp_path / "hf"),
                          val_data=str(tmp_path / "hf"), dataset_type="hf", hf_text_column="captions",
-                         hf_val_split="train", max_steps=2, batch_size=8, calibration_samples=16)
+                         hf_val_split="train", max_steps=2, batch_size=8, adapter_samples=16)
     assert train(config)["steps"] == 2
     with pytest.raises(ValueError, match=r"has no column 'text'"):
         HFPairs(str(tmp_path / "hf"))
@@ -294,7 +294,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dirs):
 
     common = ["--model", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", "--shapes-train-images", "48",
               "--shapes-val-images", "16", "--eval-images", "16", "--max-steps", "2", "--save-every", "2",
-              "--calibration-samples", "32", "--output", str(tmp_path), "--no-progress", "--lr", "1e-3", "--warmup", "1"]
+              "--adapter-samples", "32", "--output", str(tmp_path), "--no-progress", "--lr", "1e-3", "--warmup", "1"]
     import socket
 
     with socket.socket() as probe:  # a free port for the rendezvous

@@ -49,7 +49,8 @@ def test_zeroshot_data_from_a_folder_and_from_a_csv(zeroshot_folder, tmp_path):
 
 
 def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zeroshot_folder):
-    """Cosine (CLIP_benchmark's prototypes) and HALO (mean adapted prompt, HALOHead with the K-class bias)."""
+    """Cosine (CLIP_benchmark's prototypes) and HALO (mean adapted prompt, nearest prototype; an image abstains
+    when its nearest class's prompt fails the model's pair decision)."""
     import torch.nn.functional as F
 
     from halo_embed import geometry
@@ -75,18 +76,21 @@ def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zerosho
     assert result["top5"] == 1.0 and 0 <= result["ood"]["flipped"]["auroc"] <= 1
 
     halo = HALOCLIP(backbone, num_candidates=8)
-    halo.calibrate([(pixels, backbone.tokenize(prompts[: len(pixels)] * 6))])
+    halo.fit_adapter([(pixels, backbone.tokenize(prompts[: len(pixels)] * 6))])
     halo.eval()
     result = evaluate_zeroshot(view_of(halo), data, templates, ood=ood)
     with torch.no_grad():
         x, c = halo.adapter(images, "image"), halo.adapter(texts, "text").view(2, 2, -1).mean(1)
     temperature = halo.temperature.detach()
     shifted = geometry.shifted_logits(x, c, temperature)
-    bias = geometry.abstain_bias(x.shape[1], 2, halo.loss.label_smoothing)
-    assert result["rule"] == "halo" and result["abstain_bias"] == pytest.approx(bias)
+    decision = halo.decision
+    nearest_logit = temperature * (1 - ((x - c[shifted.argmax(1)]) ** 2).mean(-1))  # the pair rule's logit
+    assert result["rule"] == "halo" and result["decision"] == decision.to_dict()
     assert result["top1"] == pytest.approx((shifted.argmax(1) == data.labels).float().mean().item())
-    assert result["abstain_rate"] == pytest.approx((shifted.max(1).values < bias).float().mean().item())
-    assert "abstain_rate" in result["ood"]["flipped"]
+    assert result["abstain_rate"] == pytest.approx((nearest_logit < decision.bias).float().mean().item())
+    flipped = result["ood"]["flipped"]
+    assert "abstain_rate" in flipped and 0 <= flipped["builtin_decision_accuracy"] <= 1
+    assert 0 <= flipped["tuned_threshold_accuracy"] <= 1
 
 
 def test_wise_ft_interpolates_weights_and_the_effective_temperature(tiny_model_dirs):
@@ -127,7 +131,7 @@ def run_finetune(tmp_path, model_dir, zeroshot_folder, loss, *extra):
 
     args = ["finetune", "--model", f"local-dir:{model_dir}", "--loss", loss, "--shapes-train-images", "48",
             "--shapes-val-images", "24", "--batch-size", "16", "--max-steps", "3", "--eval-images", "24",
-            "--warmup", "1", "--calibration-samples", "32", "--logs", str(tmp_path), "--name", loss, "--no-progress",
+            "--warmup", "1", "--adapter-samples", "32", "--logs", str(tmp_path), "--name", loss, "--no-progress",
             "--zeroshot-data", str(zeroshot_folder / "images"), "--zeroshot-classnames",
             str(zeroshot_folder / "classnames.tsv"), *extra]
     assert main(args) == 0
@@ -300,7 +304,7 @@ def test_save_frequency_and_report_to(tmp_path, tiny_model_dirs):
 
     config = FinetuneConfig(model=f"local-dir:{tiny_model_dirs['open_clip_local_dir']}", shapes_train_images=48,
                             shapes_val_images=24, batch_size=16, epochs=2, save_every=1000, save_frequency=1,
-                            eval_images=24, warmup=1, calibration_samples=32, logs=str(tmp_path), name="run",
+                            eval_images=24, warmup=1, adapter_samples=32, logs=str(tmp_path), name="run",
                             progress=False, report_to="none", keep_checkpoints=5)
     steps = train(config)["steps"]
     run = tmp_path / "run"

@@ -159,7 +159,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-FINETUNE = ["--max-steps", "2", "--batch-size", "8", "--eval-images", "12", "--calibration-samples", "16",
+FINETUNE = ["--max-steps", "2", "--batch-size", "8", "--eval-images", "12", "--adapter-samples", "16",
             "--no-progress"]
 
 

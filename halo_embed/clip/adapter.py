@@ -8,11 +8,11 @@ arbitrary scale. The adapter subtracts each modality's mean and divides by its
 RMS (one scalar per modality, so the geometry stays isotropic):
 
 - ``normalization="fixed"``: both measured once on training data
-  (:meth:`FeatureAdapter.calibrate`) and then frozen. Training is free to
+  (:meth:`FeatureAdapter.fit`) and then frozen. Training is free to
   move the features away from that geometry (measured: the captions drift
   together while the radial term keeps each image on a shell around its
   caption, so an image ends as far from its own caption as from a wrong one).
-- ``normalization="running"``: calibrated the same way, then in training
+- ``normalization="running"``: measured the same way, then in training
   every batch is normalised with its own statistics (over the global batch
   in a process group, with gradients, like synchronised BatchNorm), and the
   running statistics follow them with ``momentum``; in evaluation the running
@@ -20,6 +20,16 @@ RMS (one scalar per modality, so the geometry stays isotropic):
   unit mean square around its mean in each modality, the geometry the
   abstain bias is calibrated for, and a checkpoint scores with the
   statistics saved in it.
+- ``normalization="sphere"``: each feature L2-normalised and scaled by
+  ``sqrt(D)`` (``|x|^2 / D = 1`` exactly, no centring, no statistics). Then
+  ``|x - t|^2 / D = 2 - 2 cos(x, t)``: HALO's shifted logit is
+  ``g (2 cos - 1)``, so its ranking is the cosine ranking of the model as
+  pretrained (zero-shot accuracy and retrieval before the first step are
+  exactly the cosine rule's) and its softmax over captions is CLIP's at logit
+  scale ``2 g``. The price: every embedding is equally far from the origin,
+  so the sink's logit is a constant and the accept / reject decision is a
+  threshold on the cosine; its bias is fitted on held-out pairs
+  (:mod:`halo_embed.clip.decision`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from ..distributed import all_gather_with_grad
 __all__ = ["FeatureAdapter", "MODALITIES", "NORMALIZATIONS"]
 
 MODALITIES = ("image", "text")
-NORMALIZATIONS = ("fixed", "running")
+NORMALIZATIONS = ("fixed", "running", "sphere")
 
 
 class FeatureAdapter(nn.Module):
@@ -42,15 +52,17 @@ class FeatureAdapter(nn.Module):
     Args:
         embed_dim: ``D``.
         normalization: ``"fixed"`` (statistics measured once by
-            :meth:`calibrate`) or ``"running"`` (batch statistics in training,
-            running statistics in evaluation; see the module docstring).
+            :meth:`fit`), ``"running"`` (batch statistics in training,
+            running statistics in evaluation) or ``"sphere"`` (L2-normalised,
+            scaled by ``sqrt(D)``; no statistics); see the module docstring.
         momentum: weight of each training batch in the running statistics
             (``"running"`` only), as in :class:`torch.nn.BatchNorm1d`.
 
     Buffers (saved in the state dict): ``image_center``, ``text_center``
     ``(D,)``, ``image_scale``, ``text_scale`` (scalars, ``1 / RMS``) and
-    ``calibrated``. Before :meth:`calibrate` the ``"fixed"`` adapter is the
-    identity; the ``"running"`` one already normalises training batches.
+    ``calibrated`` (statistics measured). Before :meth:`fit` the ``"fixed"`` adapter is the
+    identity; the ``"running"`` one already normalises training batches; the
+    ``"sphere"`` one needs no statistics (``calibrated`` from the start).
 
     Raises:
         TypeError / ValueError: on invalid arguments, naming the argument.
@@ -66,7 +78,7 @@ class FeatureAdapter(nn.Module):
         for modality in MODALITIES:
             self.register_buffer(f"{modality}_center", torch.zeros(d))
             self.register_buffer(f"{modality}_scale", torch.ones(()))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("calibrated", torch.full((), self.normalization == "sphere", dtype=torch.bool))
 
     def extra_repr(self) -> str:
         return f"normalization={self.normalization!r}, momentum={self.momentum}"
@@ -78,6 +90,8 @@ class FeatureAdapter(nn.Module):
         center = getattr(self, f"{modality}_center")
         scale = getattr(self, f"{modality}_scale")
         x = features.float()
+        if self.normalization == "sphere":
+            return self.to_sphere(x)
         if self.normalization == "running" and self.training and torch.is_grad_enabled():
             batch = self._batch_statistics(x)
             if batch is not None:
@@ -88,6 +102,17 @@ class FeatureAdapter(nn.Module):
                     scale.copy_(running_ms.clamp_min(1e-12).rsqrt())
                 return (x - batch_center) * batch_ms.clamp_min(1e-12).rsqrt()
         return (x - center) * scale
+
+    @staticmethod
+    def to_sphere(x: Tensor) -> Tensor:
+        """``(B, D) -> (B, D)``: ``sqrt(D) x / |x|`` (a zero row stays zero)."""
+        return torch.nn.functional.normalize(x, dim=-1) * x.shape[-1] ** 0.5
+
+    def prototype(self, mean_embedding: Tensor) -> Tensor:
+        """A class prototype from the mean of adapted embeddings (e.g. of several prompt templates): back on
+        the sphere for ``"sphere"`` (as CLIP's zero-shot classifier renormalises its mean), unchanged
+        otherwise (the centred geometries are Euclidean)."""
+        return self.to_sphere(mean_embedding) if self.normalization == "sphere" else mean_embedding
 
     @staticmethod
     def _batch_statistics(x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -110,7 +135,7 @@ class FeatureAdapter(nn.Module):
         return mean, mean_square
 
     @torch.no_grad()
-    def calibrate(self, image_features: Tensor, text_features: Tensor) -> dict[str, float]:
+    def fit(self, image_features: Tensor, text_features: Tensor) -> dict[str, float]:
         """Set each modality's centre to its mean and scale to ``1 / RMS`` of the centred features.
 
         Args:
@@ -118,8 +143,10 @@ class FeatureAdapter(nn.Module):
                 training samples (a few hundred suffice).
 
         Returns:
-            The measured RMS and centre norms (for logs).
+            The measured RMS and centre norms (for logs); ``{}`` for ``"sphere"``, which has no statistics.
         """
+        if self.normalization == "sphere":
+            return {}
         stats = {}
         for modality, features in (("image", image_features), ("text", text_features)):
             check_tensor(f"{modality}_features", features, ndim=2, floating=True, min_rows=2)
@@ -133,7 +160,7 @@ class FeatureAdapter(nn.Module):
             rms = (x - center).pow(2).mean().sqrt()
             if rms <= 1e-4 * max(1.0, float(center.abs().mean())):
                 raise ValueError(
-                    f"{modality}_features are (nearly) identical (RMS {float(rms):.3g} around the mean); calibrate "
+                    f"{modality}_features are (nearly) identical (RMS {float(rms):.3g} around the mean); measure "
                     "on a random sample of the training data, not e.g. the first files of one class"
                 )
             getattr(self, f"{modality}_center").copy_(center)

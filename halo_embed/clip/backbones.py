@@ -15,14 +15,18 @@ import abc
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "CLIPBackbone", "HFCLIPBackbone", "OpenCLIPBackbone", "load_backbone", "move_tokens",
-           "rebuild_backbone"]
+from .feature_cache import FeatureCache, module_fingerprint
+
+__all__ = ["FAMILIES", "PREPROCESS_OVERRIDES", "CLIPBackbone", "HFCLIPBackbone", "LockedSplit", "OpenCLIPBackbone",
+           "export_open_clip", "load_backbone", "move_tokens", "rebuild_backbone"]
 
 FAMILIES = ("open_clip", "transformers")
 
@@ -40,6 +44,25 @@ def register_open_clip_configs(extra: str | Path | None = None) -> None:
         open_clip.add_model_config(Path(extra))
 
 Tokens = Any  # a LongTensor (open_clip) or a dict of tensors (transformers)
+
+
+@dataclass
+class LockedSplit:
+    """A tower as ``head(prefix(inputs))`` where ``prefix`` (held in ``module``) is locked.
+
+    Attributes:
+        prefix: ``inputs -> (B, F)``: the locked part.
+        head: ``(B, F) -> (B, D)``: what follows it (identity when the whole tower is locked).
+        module: the module holding the prefix's weights (hashed for the cache; kept in eval mode).
+        name: describes the split (part of the cache's namespace).
+        whole: the prefix is the whole tower.
+    """
+
+    prefix: Callable[[Any], Tensor]
+    head: Callable[[Tensor], Tensor]
+    module: nn.Module
+    name: str
+    whole: bool = False
 
 
 def move_tokens(tokens: Tokens, device: torch.device | str) -> Tokens:
@@ -63,16 +86,98 @@ class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
 
     family: str = ""
     embed_dim: int = 0
+    #: the cache of locked tower parts (:meth:`attach_feature_cache`), and the towers it serves
+    feature_cache: FeatureCache | None = None
+    cached_towers: tuple[str, ...] = ()
 
-    @abc.abstractmethod
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """``(B, 3, H, W) -> (B, D)`` un-normalised image features."""
+        if self.input_dtype is not None:
+            pixel_values = pixel_values.to(self.input_dtype)
+        return self._encode("image", pixel_values, self._encode_image)
+
+    def encode_text(self, tokens: Tokens) -> Tensor:
+        """Tokens from :meth:`tokenize` ``-> (B, D)`` un-normalised text features."""
+        return self._encode("text", tokens, self._encode_text)
+
+    @abc.abstractmethod
+    def _encode_image(self, pixel_values: Tensor) -> Tensor:
         raise NotImplementedError
 
     @abc.abstractmethod
-    def encode_text(self, tokens: Tokens) -> Tensor:
-        """Tokens from :meth:`tokenize` ``-> (B, D)`` un-normalised text features."""
+    def _encode_text(self, tokens: Tokens) -> Tensor:
         raise NotImplementedError
+
+    def _encode(self, tower: str, inputs: Any, full: Callable[[Any], Tensor]) -> Tensor:
+        if self.feature_cache is None or tower not in self.cached_towers:
+            return full(inputs)
+        split = self.locked_split(tower)
+        if split is None:  # unlocked since the cache was attached: nothing may be cached
+            return full(inputs)
+        return split.head(self.locked_features(tower, inputs))
+
+    def locked_features(self, tower: str, inputs: Any) -> Tensor:
+        """The output of ``tower``'s locked part (:meth:`locked_split`) for ``inputs`` (pixels after the
+        image transform, or tokens), from the feature cache where one is attached; ``split.head`` of it is
+        the tower's output. For training what follows a locked tower on its features directly.
+
+        Raises:
+            ValueError: ``tower`` has no locked part.
+        """
+        split = self.locked_split(tower)
+        if split is None:
+            raise ValueError(f"the {tower} tower has no locked part: lock it first (lock_{tower})")
+        if self.input_dtype is not None and tower == "image":
+            inputs = inputs.to(self.input_dtype)
+        if self.feature_cache is None:
+            with torch.no_grad():
+                return split.prefix(inputs)
+        namespace = self._cache_namespaces.get(tower)
+        if namespace is None:
+            namespace = self._cache_namespaces[tower] = f"{tower}-{module_fingerprint(split.module, split.name)}"
+        return self.feature_cache.features(namespace, inputs, split.prefix)
+
+    def locked_split(self, tower: str) -> LockedSplit | None:
+        """The locked part of ``tower`` (``"image"`` or ``"text"``) and what follows it, or ``None``.
+
+        The whole tower when none of its weights trains; a backbone may also
+        name a frozen trunk followed by a trainable head. ``None`` when any
+        weight before the head trains. A locked part runs in evaluation mode
+        (:meth:`train`) and its outputs may be cached (:meth:`attach_feature_cache`).
+        """
+        module = self._tower_module(tower)
+        if module is not None and not any(p.requires_grad for p in module.parameters()):
+            encode = self._encode_image if tower == "image" else self._encode_text
+            return LockedSplit(encode, lambda x: x, module, f"{type(self).__name__}.{tower}", whole=True)
+        return None
+
+    def _tower_module(self, tower: str) -> nn.Module | None:
+        """The module holding every weight of ``tower`` (for :meth:`locked_split`)."""
+        return None
+
+    def attach_feature_cache(self, cache: FeatureCache | None, towers: Sequence[str] = ("image", "text")) -> None:
+        """Serve the locked part of each of ``towers`` from ``cache`` (``None`` detaches).
+
+        Only deterministic inputs should go through a cached tower: the
+        recipe leaves ``"image"`` out while training with random augmentation.
+        """
+        unknown = [t for t in towers if t not in ("image", "text")]
+        if unknown:
+            raise ValueError(f"towers must be 'image' and/or 'text', got {unknown}")
+        self.feature_cache = cache
+        self.cached_towers = tuple(towers) if cache is not None else ()
+        self._cache_namespaces = {}
+
+    def train(self, mode: bool = True) -> "CLIPBackbone":
+        """As :meth:`torch.nn.Module.train`, but a locked tower part stays in evaluation mode: it is a fixed
+        function (as in LiT), so no dropout and no BatchNorm batch statistics (nor updates of them)."""
+        super().train(mode)
+        if mode:
+            for tower in ("image", "text"):
+                split = self.locked_split(tower)
+                if split is not None:
+                    split.module.eval()
+        return self
 
     @abc.abstractmethod
     def tokenize(self, texts: list[str]) -> Tokens:
@@ -215,9 +320,23 @@ class OpenCLIPBackbone(CLIPBackbone):
 
     @classmethod
     def from_pretrained(cls, model_name: str, pretrained: str | None = None, precision: str = "fp32",
-                        **kwargs: Any) -> "OpenCLIPBackbone":
-        """``precision``: open_clip's weight precisions (``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``) as
-        open_clip applies them; anything else (``fp32``, the ``amp*`` autocast modes) keeps fp32 weights."""
+                        pretrained_image: str | os.PathLike | None = None, **kwargs: Any) -> "OpenCLIPBackbone":
+        """Build the model as ``open_clip.create_model_and_transforms`` does.
+
+        Args:
+            model_name / pretrained: see the class docstring.
+            precision: open_clip's weight precisions (``fp16``, ``bf16``,
+                ``pure_fp16``, ``pure_bf16``) as open_clip applies them; anything
+                else (``fp32``, the ``amp*`` autocast modes) keeps fp32 weights.
+            pretrained_image: a weights file for a timm image tower's trunk
+                (open_clip_train's ``--pretrained-image``, from a file:
+                :func:`~halo_embed.clip.tower_weights.load_image_tower_weights`),
+                loaded after the model is built.
+            kwargs: further ``create_model_and_transforms`` arguments, e.g. the
+                preprocessing overrides ``image_mean``, ``image_std``,
+                ``image_interpolation``, ``image_resize_mode`` (which a
+                checkpoint saves in its ``preprocess_cfg``).
+        """
         import open_clip
 
         is_config_file = model_name.endswith(".json")
@@ -237,6 +356,8 @@ class OpenCLIPBackbone(CLIPBackbone):
         if not model_name.startswith(schemes) and model_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {model_name!r}: give an architecture name "
                              "(open_clip.list_models()), hf-hub:ORG/NAME, local-dir:FOLDER or a config .json file")
+        if model_name.startswith("local-dir:"):
+            kwargs.update(_local_text_tower(Path(model_name[len("local-dir:"):])))
         # random weights are the point of halo-embed's built-in architectures and of a config file;
         # for any other architecture open_clip's warning tells a user who forgot --pretrained
         by_design = pretrained is None and (is_config_file or (BUILTIN_CONFIGS / f"{model_name}.json").is_file())
@@ -244,9 +365,15 @@ class OpenCLIPBackbone(CLIPBackbone):
             model, train_tf, val_tf = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, precision=precision if precision in WEIGHT_DTYPES else "fp32",
                 **kwargs)
+        if pretrained_image is not None:
+            from .tower_weights import load_image_tower_weights
+
+            load_image_tower_weights(model.visual, pretrained_image)
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise ValueError(f"open_clip has no model config for {model_name!r}")
+        if "text_cfg" in kwargs:
+            model_cfg = {**model_cfg, "text_cfg": kwargs["text_cfg"]}
         from open_clip.model import get_model_preprocess_cfg
 
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -255,13 +382,53 @@ class OpenCLIPBackbone(CLIPBackbone):
         backbone.input_dtype = WEIGHT_DTYPES.get(precision)
         return backbone
 
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        if self.input_dtype is not None:
-            pixel_values = pixel_values.to(self.input_dtype)
+    def _encode_image(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_image(pixel_values, normalize=False)
 
-    def encode_text(self, tokens: Tokens) -> Tensor:
+    def _encode_text(self, tokens: Tokens) -> Tensor:
         return self.model.encode_text(tokens, normalize=False)
+
+    def _tower_module(self, tower: str) -> nn.Module | None:
+        if tower == "image":
+            return self.model.visual
+        text = getattr(self.model, "text", None)
+        if text is not None:  # CustomTextCLIP: the text tower is one module
+            return text
+        # CLIP: the text tower's parts are attributes of the model itself
+        parts = nn.ModuleDict({name: module for name in ("token_embedding", "transformer", "ln_final")
+                               if isinstance(module := getattr(self.model, name, None), nn.Module)})
+        for name in ("positional_embedding", "text_projection"):  # parameters, not modules
+            value = getattr(self.model, name, None)
+            if isinstance(value, nn.Parameter):
+                parts.register_parameter(name, value)
+            elif isinstance(value, nn.Module):
+                parts[name] = value
+        return parts
+
+    def locked_split(self, tower: str) -> LockedSplit | None:
+        """The whole tower when it is locked; otherwise, for a timm image tower whose trunk is locked, the
+        trunk (its ``head`` pools and projects), and for a Hugging Face text tower whose transformer is
+        locked (LayerNorms included), the transformer and pooler (its ``proj`` projects)."""
+        whole = super().locked_split(tower)
+        if whole is not None:
+            return whole
+        frozen = lambda module: not any(p.requires_grad for p in module.parameters())  # noqa: E731
+        if tower == "image":
+            visual = self.model.visual
+            trunk = getattr(visual, "trunk", None)
+            if trunk is not None and frozen(trunk):
+                return LockedSplit(trunk, visual.head, trunk, "timm-trunk")
+            return None
+        from open_clip.hf_model import HFTextEncoder
+
+        text = getattr(self.model, "text", None)
+        if isinstance(text, HFTextEncoder) and frozen(text.transformer):
+            def pooled(tokens: Tensor) -> Tensor:  # HFTextEncoder.forward up to its projection
+                mask = (tokens != text.config.pad_token_id).long()
+                return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+            return LockedSplit(pooled, text.proj, text.transformer, f"hf-text:{type(text.pooler).__name__}")
+        return None
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(list(texts))
@@ -340,6 +507,68 @@ class OpenCLIPBackbone(CLIPBackbone):
         return cls(model, train_tf, val_tf, tokenizer, model_cfg, dict(get_model_preprocess_cfg(model)), spec["name"])
 
 
+def _local_text_tower(folder: Path) -> dict[str, Any]:
+    """For a ``local-dir:`` model whose Hugging Face text tower names a folder that is not there (the model
+    was moved or copied), the text tower's config from the model folder itself (``config.json``, as
+    :func:`export_open_clip` writes it): the ``text_cfg`` override for ``create_model``."""
+    try:
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        text_cfg = dict(config["model_cfg"]["text_cfg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # open_clip reports a missing or broken config itself
+    name = text_cfg.get("hf_model_name")
+    if isinstance(name, str) and Path(name).is_absolute() and not Path(name).exists() \
+            and (folder / "config.json").is_file():
+        # the text tower's weights are in the folder's checkpoint, as open_clip loads a local-dir: model
+        text_cfg.update(hf_model_name=str(folder), hf_tokenizer_name=str(folder), hf_model_pretrained=False)
+        return {"text_cfg": text_cfg}
+    return {}
+
+
+def export_open_clip(backbone: "OpenCLIPBackbone", directory: str | os.PathLike) -> Path:
+    """Save an open_clip backbone as a folder that ``open_clip.create_model_and_transforms("local-dir:DIR")``
+    loads: ``open_clip_config.json`` (``model_cfg`` and ``preprocess_cfg``), ``open_clip_model.safetensors``
+    and, for a Hugging Face text tower, its tokenizer files and config (open_clip reads a ``local-dir:``
+    model's tokenizer from the folder; the config is read from ``hf_model_name``, which is set to the
+    folder). Written into a staging folder and renamed: an existing folder is an error, never overwritten.
+
+    Raises:
+        FileExistsError: ``directory`` exists.
+        TypeError: ``backbone`` is not an :class:`OpenCLIPBackbone`.
+    """
+    import shutil
+    import uuid
+
+    from safetensors.torch import save_file
+
+    if not isinstance(backbone, OpenCLIPBackbone):
+        raise TypeError(f"backbone must be an OpenCLIPBackbone, got {type(backbone).__name__}")
+    directory = Path(directory).resolve()
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; export into a new folder")
+    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        model_cfg = json.loads(json.dumps(backbone.model_cfg))
+        text_cfg = model_cfg.get("text_cfg", {})
+        inner = getattr(backbone._tokenizer, "tokenizer", None)
+        if "hf_model_name" in text_cfg:
+            backbone.model.text.config.save_pretrained(staging)
+            if hasattr(inner, "save_pretrained"):
+                inner.save_pretrained(staging)
+            text_cfg.update(hf_model_name=str(directory), hf_tokenizer_name=str(directory))
+            text_cfg.pop("hf_model_pretrained", None)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(backbone.preprocess_cfg)}
+        (staging / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        save_file(state, str(staging / "open_clip_model.safetensors"))
+        os.rename(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
 def _jsonable(cfg: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
@@ -403,13 +632,15 @@ class HFCLIPBackbone(CLIPBackbone):
         # transformers < 5 returns the projected tensor, >= 5 an output whose pooler_output it is
         return output if isinstance(output, Tensor) else output.pooler_output
 
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        if self.input_dtype is not None:
-            pixel_values = pixel_values.to(self.input_dtype)
+    def _encode_image(self, pixel_values: Tensor) -> Tensor:
         return self._features(self.model.get_image_features(pixel_values=pixel_values))
 
-    def encode_text(self, tokens: Tokens) -> Tensor:
+    def _encode_text(self, tokens: Tokens) -> Tensor:
         return self._features(self.model.get_text_features(**tokens))
+
+    def _tower_module(self, tower: str) -> nn.Module | None:
+        modules = self._tower(tower)
+        return nn.ModuleList(modules) if modules else None
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         encoded = self.tokenizer(
@@ -508,8 +739,13 @@ class HFCLIPBackbone(CLIPBackbone):
 _CLASSES = {"open_clip": OpenCLIPBackbone, "transformers": HFCLIPBackbone}
 
 
+#: open_clip's preprocessing overrides (open_clip_train's --image-mean, --image-std, --image-interpolation,
+#: --image-resize-mode): create_model_and_transforms' argument names
+PREPROCESS_OVERRIDES = ("image_mean", "image_std", "image_interpolation", "image_resize_mode")
+
+
 def load_backbone(family: str, name: str, pretrained: str | None = None, precision: str = "fp32",
-                  **kwargs: Any) -> CLIPBackbone:
+                  pretrained_image: str | os.PathLike | None = None, **kwargs: Any) -> CLIPBackbone:
     """Build a backbone the way each library's users do.
 
     Args:
@@ -520,19 +756,28 @@ def load_backbone(family: str, name: str, pretrained: str | None = None, precisi
         precision: open_clip's ``--precision`` value; ``fp16``, ``bf16``,
             ``pure_fp16`` and ``pure_bf16`` hold the weights in half precision
             (see each class's ``from_pretrained``), others keep fp32.
+        pretrained_image: open_clip only: a weights file for a timm image tower
+            (see :meth:`OpenCLIPBackbone.from_pretrained`).
+        kwargs: passed on; for open_clip e.g. :data:`PREPROCESS_OVERRIDES`
+            (``None`` values are left out).
 
     Raises:
-        ValueError: unknown family or precision, or ``pretrained`` given for transformers.
+        ValueError: unknown family or precision, or an open_clip-only option given for transformers.
     """
     if family not in _CLASSES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if precision not in PRECISION_NAMES:
         raise ValueError(f"precision must be one of {list(PRECISION_NAMES)}, got {precision!r}")
+    kwargs = {k: v for k, v in kwargs.items() if not (k in PREPROCESS_OVERRIDES and v is None)}
     if family == "transformers":
-        if pretrained is not None:
-            raise ValueError("pretrained is an open_clip option; for transformers pass the hub id or folder as name")
+        given = [k for k in ("pretrained", "pretrained_image", *PREPROCESS_OVERRIDES)
+                 if (k in kwargs or {"pretrained": pretrained, "pretrained_image": pretrained_image}.get(k))]
+        if given:
+            raise ValueError(f"{given[0]} is an open_clip option; a transformers model brings its weights and image "
+                             "processor from its hub id or folder")
         return HFCLIPBackbone.from_pretrained(name, precision=precision, **kwargs)
-    return OpenCLIPBackbone.from_pretrained(name, pretrained=pretrained, precision=precision, **kwargs)
+    return OpenCLIPBackbone.from_pretrained(name, pretrained=pretrained, precision=precision,
+                                            pretrained_image=pretrained_image, **kwargs)
 
 
 def rebuild_backbone(spec: dict[str, Any], directory: Path) -> CLIPBackbone:

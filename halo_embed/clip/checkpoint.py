@@ -29,6 +29,7 @@ from .. import __version__
 from ..io import new_file_mode, to_jsonable
 from .backbones import rebuild_backbone
 from .contrastive import ContrastiveCLIP
+from .decision import PairDecision
 from .model import HALOCLIP
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_checkpoint", "load_model", "save_checkpoint"]
@@ -77,7 +78,7 @@ def save_checkpoint(model: HALOCLIP | ContrastiveCLIP, directory: str | os.PathL
                   "backbone": model.backbone.spec(), "embed_dim": model.backbone.embed_dim}
         if isinstance(model, HALOCLIP):
             config.update(loss=model.loss_config(), adapter=model.adapter_config(), abstain_bias=model.abstain_bias,
-                          temperature=float(model.temperature.detach()))
+                          temperature=float(model.temperature.detach()), decision=model.decision.to_dict())
         else:
             config.update(loss={"name": model.loss_name}, logit_scale=float(model.logit_scale.detach()))
         config["extra"] = to_jsonable(extra or {})
@@ -165,6 +166,12 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         if not isinstance(adapter, dict):
             raise ValueError(f"{directory / CONFIG_NAME} is damaged: its 'adapter' entry is not an object")
         model = HALOCLIP(backbone, **config["loss"], **adapter)
+        decision = config.get("decision")  # absent in checkpoints written before decisions were fitted
+        if isinstance(decision, dict) and decision.get("rule") == "fitted":
+            try:
+                model.fitted_decision = PairDecision.from_dict(decision)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{directory / CONFIG_NAME} is damaged: its decision entry: {error}") from None
     try:
         load_weights(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as error:

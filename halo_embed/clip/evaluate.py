@@ -4,9 +4,10 @@ The same protocol for HALO and for the contrastive baselines, through a *view*
 that says how a model embeds and scores a pair:
 
 - :class:`HALOView`: adapted embeddings, L2 retrieval (HALO's logit ranking),
-  pair score = the caption's HALO logit for the image on the unit shell
-  (:func:`~halo_embed.geometry.unit_shell_logits`), built-in decision =
-  score >= abstain bias (the rule of :class:`~halo_embed.clip.AlignmentScorer`).
+  pair score = the caption's HALO logit for the image on the unit shell,
+  built-in decision = score >= the sink's bias, ``p(aligned)`` its sigmoid:
+  the model's :class:`~halo_embed.clip.decision.PairDecision` (the rule of
+  :class:`~halo_embed.clip.AlignmentScorer`).
 - :class:`CosineView`: L2-normalised embeddings, cosine retrieval and score
   (CLIP); with a logit bias (SigLIP) also its built-in decision
   ``scale * cos + bias >= 0``.
@@ -18,6 +19,14 @@ out-of-distribution images with any caption. Thresholds: every pair set is
 split by position into a *tune* half (even) and a *report* half (odd); a tuned
 threshold is chosen on the tune half and every accuracy is measured on the
 report half (balanced accuracy: mean of aligned accepted and mismatched rejected).
+
+With *calibration pairs* (held-out images never trained on, each with its own
+and another image's caption), the evaluation also reports what a user
+would do without HALO's decision, chosen on those pairs and measured on the
+report half: the best threshold on the pair score, Platt scaling of the score
+(a logistic fit of the label, decision at ``p = 0.5``), and, when given, a
+fixed threshold carried over from another data set; and the calibration
+(ECE, Brier score) of the built-in ``p(aligned)`` and of the Platt-scaled score.
 """
 
 from __future__ import annotations
@@ -30,11 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import geometry
-from ..eval import best_threshold, ood_metrics, retrieval_recall, threshold_accuracy
+from ..eval import best_threshold, binary_calibration, ood_metrics, retrieval_recall, threshold_accuracy
 from .backbones import move_tokens
+from .decision import PairDecision
 
-__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "evaluate_alignment", "view_of"]
+__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "calibration_scores", "evaluate_alignment",
+           "view_of"]
 
 
 class HALOView:
@@ -53,11 +63,23 @@ class HALOView:
         return self.model.encode_text(tokens)
 
     def pair_scores(self, images: Tensor, texts: Tensor) -> Tensor:
-        return geometry.pair_logits(images, texts, float(self.model.temperature.detach()))
+        return self.model.decision.judge_pairs(images, texts)[0]
 
     def builtin_threshold(self) -> float | None:
-        """Accept a pair when its score is at least this (the abstain bias)."""
-        return float(self.model.abstain_bias)
+        """Accept a pair when its score is at least this (the decision's bias)."""
+        return self.model.decision.bias
+
+    def pair_probability(self, scores: np.ndarray) -> np.ndarray | None:
+        """The built-in ``p(aligned)`` of pair scores."""
+        return 1.0 / (1.0 + np.exp(-(scores - self.model.decision.bias)))
+
+    def constant_threshold(self) -> float | None:
+        """Where the fitted decision replaced HALO's constant one: the constant rule as a threshold on these
+        scores (``g (1 - m) >= b`` with the training temperature ``g``, scores at the fitted ``g'``)."""
+        if self.model.fitted_decision is None:
+            return None
+        constant = PairDecision(float(self.model.temperature.detach()), float(self.model.abstain_bias))
+        return constant.bias * self.model.decision.temperature / constant.temperature
 
 
 class CosineView:
@@ -83,6 +105,13 @@ class CosineView:
             return None  # CLIP has no decision rule: a threshold must be tuned
         # sigmoid(scale * cos + bias) >= 0.5  <=>  cos >= -bias / scale
         return float(-self.logit_bias.detach() / self.logit_scale.detach().exp())
+
+    def pair_probability(self, scores: np.ndarray) -> np.ndarray | None:
+        """SigLIP's ``sigmoid(scale * cos + bias)``; ``None`` for CLIP (no probability of a pair)."""
+        if self.logit_bias is None or self.logit_scale is None:
+            return None
+        scale, bias = float(self.logit_scale.detach().exp()), float(self.logit_bias.detach())
+        return 1.0 / (1.0 + np.exp(-(scale * scores + bias)))
 
 
 def view_of(model) -> HALOView | CosineView:
@@ -236,20 +265,68 @@ def _embed_texts(view, texts: Sequence[str], device, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
-def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device = "cpu",
+def calibration_scores(view, data: AlignmentEvalData, device: str | torch.device = "cpu",
                        batch_size: int = 128) -> dict[str, Any]:
+    """The adapted embeddings of calibration pairs (:func:`build_eval_data` of held-out images: the
+    ``aligned`` and ``shuffled`` sets) and their pair scores: ``images``, ``aligned_texts``,
+    ``mismatched_texts`` ``(N, D)``; ``aligned``, ``mismatched`` ``(N,)`` numpy scores."""
+    transform = view.backbone.image_transform(train=False)
+    image_emb = _embed_images(view, data.images, transform, device, batch_size)
+    text_emb = _embed_texts(view, data.texts, device, batch_size)
+    out: dict[str, Any] = {"images": image_emb}
+    for name, key in (("aligned", "aligned"), ("shuffled", "mismatched")):
+        refs, text_ids = data.pair_sets[name]
+        if any(source != "eval" for source, _ in refs):
+            raise ValueError("calibration pairs must come from the calibration images only")
+        texts = text_emb[text_ids]
+        out[f"{key}_texts"] = texts
+        out[key] = view.pair_scores(image_emb[[i for _, i in refs]], texts).numpy()
+    return out
+
+
+def _user_rules(calibration: dict[str, Any] | None, carried_threshold: float | None) -> dict[str, Any]:
+    """What a user would do with the calibration pairs instead of a built-in decision: the best threshold on
+    them and Platt scaling of the score (``(a, b)`` of ``sigmoid(a s + b)``)."""
+    rules: dict[str, Any] = {}
+    if calibration is not None:
+        from .decision import platt_scale
+
+        aligned, mismatched = calibration["aligned"], calibration["mismatched"]
+        rules["calibration_threshold"], _ = best_threshold(aligned, mismatched)
+        rules["platt"] = platt_scale(torch.from_numpy(aligned), torch.from_numpy(mismatched))
+    if carried_threshold is not None:
+        rules["carried_threshold"] = float(carried_threshold)
+    return rules
+
+
+def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device = "cpu",
+                       batch_size: int = 128, calibration: dict[str, Any] | None = None,
+                       carried_threshold: float | None = None) -> dict[str, Any]:
     """Retrieval and rejection metrics of one model on :class:`AlignmentEvalData`.
+
+    Args:
+        view: :func:`view_of` a model.
+        data: the evaluation sets.
+        calibration: :func:`calibration_scores` of held-out calibration pairs
+            (optional): adds the thresholds a user would choose on them.
+        carried_threshold: optional fixed threshold on the pair score (e.g.
+            chosen on another data set), measured as it stands.
 
     Returns a dict with ``retrieval`` (R@1/5/10 both ways), ``rejection``
     (per negative set and pooled ``all mismatched``: :func:`ood_metrics` plus
     threshold accuracies on the report half: ``builtin_threshold_accuracy``
     where the model has a decision rule, ``tuned_threshold_accuracy`` with the
-    threshold chosen on the tune half), and ``scores`` (per set, for plots).
+    threshold chosen on the tune half; with calibration pairs
+    ``calibration_threshold_accuracy``, ``platt_accuracy``, ``platt_ece`` /
+    ``platt_brier``; ``carried_threshold_accuracy``; ``builtin_ece`` /
+    ``builtin_brier`` where the model has a ``p(aligned)``), ``rules`` (the
+    thresholds and Platt parameters used) and ``scores`` (per set, for plots).
     """
     transform = view.backbone.image_transform(train=False)
     image_emb = _embed_images(view, data.images, transform, device, batch_size)
     text_emb = _embed_texts(view, data.texts, device, batch_size)
     ood_emb = {name: _embed_images(view, imgs, transform, device, batch_size) for name, imgs in data.ood_images.items()}
+    rules = _user_rules(calibration, carried_threshold)
 
     retrieval = retrieval_recall(
         image_emb, text_emb[data.retrieval_texts], data.text_groups[data.retrieval_texts],
@@ -270,14 +347,33 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
         threshold, _ = best_threshold(aligned[0::2], negatives[0::2])
         metrics["tuned_threshold"] = threshold
         metrics["tuned_threshold_accuracy"] = threshold_accuracy(aligned[1::2], negatives[1::2], threshold)
+        report_aligned, report_negatives = aligned[1::2], negatives[1::2]
+        labels = np.r_[np.ones(len(report_aligned), dtype=np.int64), np.zeros(len(report_negatives), dtype=np.int64)]
         if builtin is not None:
-            metrics["builtin_threshold_accuracy"] = threshold_accuracy(aligned[1::2], negatives[1::2], builtin)
+            metrics["builtin_threshold_accuracy"] = threshold_accuracy(report_aligned, report_negatives, builtin)
             metrics["builtin_accept_aligned"] = float((aligned >= builtin).mean())
             metrics["builtin_reject_mismatched"] = float((negatives < builtin).mean())
+        probability = view.pair_probability(np.r_[report_aligned, report_negatives])
+        if probability is not None:
+            metrics.update({f"builtin_{k}": v for k, v in binary_calibration(probability, labels).items()})
+        constant = getattr(view, "constant_threshold", lambda: None)()
+        if constant is not None:  # what the fitted decision replaced
+            metrics["constant_decision_accuracy"] = threshold_accuracy(report_aligned, report_negatives, constant)
+        for rule in ("calibration_threshold", "carried_threshold"):
+            if rule in rules:
+                metrics[f"{rule}_accuracy"] = threshold_accuracy(report_aligned, report_negatives, rules[rule])
+        if "platt" in rules:
+            a, b = rules["platt"]
+            platt = 1.0 / (1.0 + np.exp(-(a * np.r_[report_aligned, report_negatives] + b)))
+            accept = platt >= 0.5
+            metrics["platt_accuracy"] = 0.5 * (float(accept[:len(report_aligned)].mean())
+                                               + float((~accept[len(report_aligned):]).mean()))
+            metrics.update({f"platt_{k}": v for k, v in binary_calibration(platt, labels).items()})
         rejection[name] = metrics
     return {
         "retrieval": retrieval,
         "rejection": rejection,
+        "rules": rules,
         "builtin_threshold": builtin,
         "scores": scores,
         "embeddings": {"images": image_emb, "texts": text_emb, "image_groups": data.image_groups},

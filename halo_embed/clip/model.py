@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..losses import PairedHALOLoss
 from .adapter import FeatureAdapter
 from .backbones import CLIPBackbone, Tokens
+from .decision import PairDecision, fit_pair_decision
 
 __all__ = ["HALOCLIP"]
 
@@ -28,7 +29,7 @@ class HALOCLIP(nn.Module):
         num_candidates: the global training batch size (sets the abstain bias,
             see :class:`~halo_embed.losses.PairedHALOLoss`).
         normalization / momentum: the feature adapter's statistics, ``"fixed"``
-            (measured once by :meth:`calibrate`) or ``"running"`` (batch
+            (measured once by :meth:`fit_adapter`) or ``"running"`` (batch
             statistics in training, running ones for scoring); see
             :class:`~halo_embed.clip.adapter.FeatureAdapter`.
         loss_kwargs: further :class:`PairedHALOLoss` arguments
@@ -53,6 +54,8 @@ class HALOCLIP(nn.Module):
             param.requires_grad_(False)
         self.adapter = FeatureAdapter(backbone.embed_dim, normalization=normalization, momentum=momentum)
         self.loss = PairedHALOLoss(backbone.embed_dim, num_candidates, **loss_kwargs)
+        #: the accept / reject rule fitted on held-out pairs (:meth:`fit_decision`); ``None``: the constant rule
+        self.fitted_decision: PairDecision | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -65,7 +68,44 @@ class HALOCLIP(nn.Module):
 
     @property
     def abstain_bias(self) -> float:
+        """The sink's logit in training (fixed at construction; the decision's bias is :attr:`decision`'s)."""
         return self.loss.abstain_bias
+
+    @property
+    def decision(self) -> PairDecision:
+        """The accept / reject rule every scorer and evaluation uses: the one fitted on held-out pairs
+        (:meth:`fit_decision`), else the constant rule (the training temperature and abstain bias)."""
+        if self.fitted_decision is not None:
+            return self.fitted_decision
+        return PairDecision(float(self.temperature.detach()), float(self.loss.abstain_bias), "constant")
+
+    @torch.no_grad()
+    def fit_decision(self, image_embeddings: Tensor, aligned_texts: Tensor, mismatched_texts: Tensor,
+                     fit_temperature: bool = True, source: str = "") -> PairDecision:
+        """Fit :attr:`decision` on held-out pairs: ``(N, D)`` adapted embeddings of images, of their own
+        captions and of another image's captions (see :func:`~halo_embed.clip.decision.fit_pair_decision`;
+        ``fit_temperature=False`` keeps the model's temperature and fits the bias alone).
+
+        Pairs that do not separate (aligned no nearer than mismatched: a model that has not learnt the task)
+        admit no positive pair temperature; the bias is then fitted alone at the model's temperature, with a
+        warning and a note in ``fitted_on``, rather than losing the run that asked for it."""
+        import warnings
+
+        from .. import geometry
+
+        aligned = geometry.pair_mean_square(image_embeddings, aligned_texts)
+        mismatched = geometry.pair_mean_square(image_embeddings, mismatched_texts)
+        temperature = float(self.temperature.detach())
+        try:
+            decision = fit_pair_decision(aligned, mismatched, None if fit_temperature else temperature, source)
+        except ValueError as error:
+            if not (fit_temperature and "do not separate" in str(error)):
+                raise
+            warnings.warn(f"{error}; fitting the sink's bias alone at the model's temperature", stacklevel=2)
+            decision = fit_pair_decision(aligned, mismatched, temperature, source)
+            decision.fitted_on["note"] = str(error)
+        self.fitted_decision = decision
+        return decision
 
     def adapter_config(self) -> dict[str, Any]:
         return {"normalization": self.adapter.normalization, "momentum": self.adapter.momentum}
@@ -80,6 +120,7 @@ class HALOCLIP(nn.Module):
             "label_smoothing": loss.label_smoothing,
             "rejection_weight": loss.rejection_weight,
             "norm_weight": loss.norm_weight,
+            "init_gamma": loss.init_gamma,
         }
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
@@ -104,7 +145,7 @@ class HALOCLIP(nn.Module):
         return self.loss(self.encode_image(pixel_values), self.encode_text(tokens), image_ids, return_parts)
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[tuple[Tensor, Tokens]], max_samples: int = 1024) -> dict[str, float]:
+    def fit_adapter(self, batches: Iterable[tuple[Tensor, Tokens]], max_samples: int = 1024) -> dict[str, float]:
         """Measure each modality's centre and RMS on training batches ``(pixel_values, tokens)``.
 
         Call once before training (and only then: the statistics are part of
@@ -123,5 +164,5 @@ class HALOCLIP(nn.Module):
         finally:
             self.train(was_training)
         if not images:
-            raise ValueError("calibrate needs at least one batch")
-        return self.adapter.calibrate(torch.cat(images), torch.cat(texts))
+            raise ValueError("fit_adapter needs at least one batch")
+        return self.adapter.fit(torch.cat(images), torch.cat(texts))

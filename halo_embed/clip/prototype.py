@@ -34,7 +34,7 @@ class PrototypeClassifier(nn.Module):
     """Zero-shot and fine-tunable HALO classification with CLIP text prototypes.
 
     Args:
-        clip: a :class:`HALOCLIP` (its adapter calibrated).
+        clip: a :class:`HALOCLIP` (its adapter's statistics measured).
         class_names: the ``K`` class names.
         templates: prompt templates with one ``{}``.
         label_smoothing: of the classification :class:`~halo_embed.HALOLoss`

@@ -5,14 +5,17 @@
     scorer.rank(["dog.jpg"], captions, k=5)                   # top-5 captions, or "none of these"
 
 The captions act as centroids for the images, as in training, and the abstain
-sink competes with them. A pair is judged by HALO's two-candidate softmax
-``[caption, sink]`` for the image placed on the unit shell (``|x|^2 / D = 1``,
-where HALO's abstain bias is calibrated and where the adapter puts embeddings):
+sink competes with them. A pair is judged by the model's
+:class:`~halo_embed.clip.decision.PairDecision`: HALO's two-candidate softmax
+``[caption, sink]`` for the image placed on the unit shell (``|x|^2 / D = 1``):
 
-    logit       = g * (1 - |x - t|^2 / D)          (geometry.unit_shell_logits)
-    probability = sigmoid(logit - abstain_bias)
-    accept      = logit >= abstain_bias            (probability >= 0.5)
+    logit       = g * (1 - |x - t|^2 / D)          (geometry.pair_decision)
+    probability = sigmoid(logit - bias)
+    accept      = logit >= bias                    (probability >= 0.5)
 
+with ``(g, bias)`` fitted on held-out pairs where the checkpoint was
+calibrated (``halo-embed finetune --calibration-split``, ``halo-embed
+calibrate``), else the training temperature and HALO's constant abstain bias.
 Normalising the image's own norm out makes the decision depend on the pair's
 distance only. With the image's actual norm (the ``K + 1`` softmax of training)
 a large-norm image would accept almost any caption: measured on the built-in
@@ -32,7 +35,6 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .. import geometry
 from .._validation import check_int, check_tensor
 from ..data.images import load_image
 from ..eval.search import RejectionIndex, RejectionResult
@@ -112,13 +114,14 @@ class AlignmentScorer:
         if not isinstance(model, HALOCLIP):
             raise TypeError(f"model must be a HALOCLIP, got {type(model).__name__}")
         if not bool(model.adapter.calibrated):  # the abstain bias assumes the adapter's unit-mean-square geometry
-            raise ValueError("model's feature adapter is not calibrated: call model.calibrate(batches) on training "
-                             "data first (checkpoints of halo-embed finetune are calibrated)")
+            raise ValueError("model's feature adapter has no statistics: call model.fit_adapter(batches) on training "
+                             "data first (checkpoints of halo-embed finetune have them)")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self._transform = model.backbone.image_transform(train=False)
+        self.decision = model.decision
 
     @classmethod
     def from_checkpoint(cls, directory: str, device: str | torch.device | None = None, batch_size: int = 64) -> "AlignmentScorer":
@@ -128,11 +131,13 @@ class AlignmentScorer:
 
     @property
     def temperature(self) -> float:
-        return float(self.model.temperature.detach())
+        """The pair rule's temperature (the decision's)."""
+        return self.decision.temperature
 
     @property
     def abstain_bias(self) -> float:
-        return float(self.model.abstain_bias)
+        """The sink's logit in the pair rule (the decision's bias)."""
+        return self.decision.bias
 
     def _pixels(self, images: Sequence[Any] | Tensor) -> Tensor:
         if isinstance(images, Tensor):
@@ -189,9 +194,7 @@ class AlignmentScorer:
             if bad.numel():
                 raise ValueError(f"{name} has NaN or inf values in row(s) {bad[:5].tolist()}"
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
-        logit = geometry.pair_logits(image_embeddings, text_embeddings, self.temperature)
-        probability = torch.sigmoid(logit - self.abstain_bias)
-        accept = ~geometry.abstain_mask(logit[:, None], self.abstain_bias)
+        logit, probability, accept = self.decision.judge_pairs(image_embeddings.float(), text_embeddings.float())
         return PairScores(probability, accept, logit, self.abstain_bias)
 
     @torch.no_grad()

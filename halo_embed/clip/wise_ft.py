@@ -45,7 +45,7 @@ def interpolate_weights(initial: HALOCLIP | ContrastiveCLIP, finetuned: HALOCLIP
     """A new model with the weights ``(1 - alpha) * initial + alpha * finetuned`` (see the module docstring).
 
     Args:
-        initial: the model before fine-tuning (for HALO: after the adapter's calibration).
+        initial: the model before fine-tuning (for HALO: after the adapter's statistics are measured).
         finetuned: the same architecture after fine-tuning.
         alpha: in ``[0, 1]``; 0 gives the initial weights, 1 the fine-tuned ones.
 

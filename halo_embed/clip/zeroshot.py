@@ -14,11 +14,14 @@ assigned to the nearest prototype, top-1 / top-5 accuracy are reported.
   of the cosines at temperature 1, Ming et al. 2022).
 - HALO (:class:`~halo_embed.clip.evaluate.HALOView`): a class's prototype is
   the mean of the adapted template embeddings (HALO's geometry is Euclidean,
-  as in :class:`~halo_embed.clip.PrototypeClassifier`); images are assigned by
-  :class:`~halo_embed.inference.HALOHead` with the model's temperature and the
-  abstain bias for ``K`` = the number of classes, so the report also has the
-  abstain rate (the origin sink wins) and the rejection of OOD images by the
-  probability of not abstaining.
+  as in :class:`~halo_embed.clip.PrototypeClassifier`; with the ``"sphere"``
+  adapter the mean is put back on the sphere, so that the ranking is exactly
+  the cosine rule's above); images are assigned by
+  the nearest prototype in HALO's geometry; an image abstains when its
+  nearest class's prompt fails the model's pair decision
+  (:class:`~halo_embed.clip.decision.PairDecision`, the rule that accepts or
+  rejects a caption), so the report also has the abstain rate and the
+  rejection of OOD images by that prompt's ``p(aligned)``.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ def class_prototypes(view, classnames: Sequence[str], templates: Sequence[str] =
     per_template = _embed_texts(view, prompts, device, batch_size).view(len(classnames), len(templates), -1)
     if view.metric == "cosine":
         return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
-    return per_template.mean(dim=1)
+    return view.model.adapter.prototype(per_template.mean(dim=1))
 
 
 def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAULT_TEMPLATES,
@@ -170,11 +173,14 @@ def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAU
     Returns:
         ``top1``, ``top5``, ``images``, ``classes``, ``rule`` (``"cosine"`` or
         ``"halo"``); for HALO ``abstain_rate``, ``accepted_top1`` (accuracy of
-        the images it does not abstain on) and ``temperature``; ``ood``: name
-        -> :func:`~halo_embed.eval.ood_metrics` of the rejection score.
+        the images it does not abstain on), ``temperature`` and ``decision``;
+        ``ood``: name -> :func:`~halo_embed.eval.ood_metrics` of the rejection
+        score, ``tuned_threshold_accuracy`` (balanced accuracy on the odd half
+        of the images, threshold tuned on the even half) and for HALO
+        ``abstain_rate`` and ``builtin_decision_accuracy`` (the decision's
+        balanced accuracy on the odd half, nothing tuned).
     """
-    from ..eval import ood_metrics
-    from ..inference import HALOHead
+    from ..eval import best_threshold, ood_metrics, threshold_accuracy
 
     if not isinstance(data, ZeroShotData):
         raise TypeError(f"data must be a ZeroShotData, got {type(data).__name__}")
@@ -195,14 +201,17 @@ def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAU
             return logits, torch.softmax(logits, dim=-1).max(dim=-1).values, None  # MCM at temperature 1
     else:
         model = view.model
-        bias = geometry.abstain_bias(prototypes.shape[1], prototypes.shape[0], model.loss.label_smoothing)
-        head = HALOHead(prototypes, model.temperature.detach().cpu(), bias)
-        result.update(rule="halo", temperature=float(model.temperature.detach()), abstain_bias=bias,
-                      can_abstain=head.can_abstain)
+        decision = model.decision
+        temperature = model.temperature.detach().cpu()
+        result.update(rule="halo", temperature=float(temperature), decision=decision.to_dict())
 
         def scores_of(embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-            prediction = head(embeddings)
-            return prediction.logits[:, :-1], prediction.scores["not_abstain"], prediction.abstained
+            # the nearest prototype is the prediction; the image abstains when that class's prompt fails the
+            # model's pair decision (the rule that accepts or rejects a caption), and p(aligned) ranks OOD
+            logits = geometry.shifted_logits(embeddings, prototypes, temperature)
+            nearest = prototypes[logits.argmax(dim=-1)]
+            _, probability, accept = decision.judge_pairs(embeddings, nearest)
+            return logits, probability, ~accept
 
     logits, id_scores, abstained = scores_of(images)
     top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
@@ -216,8 +225,14 @@ def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAU
     result["ood"] = {}
     for name, embeddings in ood_images.items():
         _, ood_scores, ood_abstained = scores_of(embeddings)
-        metrics = ood_metrics(id_scores.numpy(), ood_scores.numpy())
+        known, unknown = id_scores.numpy(), ood_scores.numpy()
+        metrics = ood_metrics(known, unknown)
+        # as for pairs: a threshold tuned on the even half of the test images, accuracies on the odd half
+        threshold, _ = best_threshold(known[0::2], unknown[0::2])
+        metrics["tuned_threshold_accuracy"] = threshold_accuracy(known[1::2], unknown[1::2], threshold)
         if ood_abstained is not None:
             metrics["abstain_rate"] = float(ood_abstained.float().mean())
+            metrics["builtin_decision_accuracy"] = 0.5 * (float((~abstained[1::2]).float().mean())
+                                                          + float(ood_abstained[1::2].float().mean()))
         result["ood"][name] = metrics
     return result

@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationResult",
     "accuracy",
     "best_threshold",
+    "binary_calibration",
     "expected_calibration_error",
     "fpr_at_tpr",
     "ood_metrics",
@@ -228,6 +229,25 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> Cal
              "confidence": conf_b, "accuracy": acc_b}
         )
     return CalibrationResult(ece=float(ece), mce=float(mce), accuracy=float(correct.mean()), bins=bins)
+
+
+def binary_calibration(probability: Any, labels: Any, n_bins: int = 15) -> dict[str, float]:
+    """Calibration of a probability that an input is positive (e.g. p(aligned) of an image-text pair).
+
+    Returns ``ece`` (the top-label ECE of the two-class probabilities ``[1 - p, p]``, equal-width bins) and
+    ``brier`` (mean ``(p - y)^2``).
+
+    Raises:
+        ValueError: probabilities outside ``[0, 1]``, labels other than 0 / 1, mismatched lengths, NaN.
+    """
+    p = _as_array("probability", probability)
+    y = _as_labels("labels", labels, p.shape[0])
+    if p.min() < 0 or p.max() > 1:
+        raise ValueError(f"probability must be in [0, 1], got values in [{p.min():.3g}, {p.max():.3g}]")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    ece = expected_calibration_error(np.stack([1.0 - p, p], axis=1), y, n_bins).ece
+    return {"ece": ece, "brier": float(((p - y) ** 2).mean())}
 
 
 def mean_std(values: Any) -> tuple[float, float]:

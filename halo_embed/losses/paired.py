@@ -54,6 +54,9 @@ class PairedHALOLoss(HALOLossBase):
             abstain bias assumes ``|x|^2 / D`` near 1; without this the loss can
             inflate the norms to starve the sink, which moves the built-in
             threshold.
+        init_gamma: the starting effective temperature (``None``: HALO's
+            ``20 / (1 + 2/D)``); e.g. half a pretrained CLIP's logit scale, with
+            which HALO's softmax over unit-norm captions equals CLIP's.
 
     Distributed: inside an initialised process group (``accelerate launch``,
     ``torchrun``) the features of all ranks are gathered **with gradients** and
@@ -82,6 +85,7 @@ class PairedHALOLoss(HALOLossBase):
         norm_weight: float = 0.0,
         implementation: str = "fused",
         chunk_size: int | None = None,
+        init_gamma: float | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = check_int("embed_dim", embed_dim, minimum=2)
@@ -92,7 +96,7 @@ class PairedHALOLoss(HALOLossBase):
         self.label_smoothing = check_float(
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
-        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size)
+        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size, init_gamma)
         self.rejection_weight = check_float("rejection_weight", rejection_weight, minimum=0.0)
         self.norm_weight = check_float("norm_weight", norm_weight, minimum=0.0)
         self.abstain_bias = geometry.abstain_bias(self.embed_dim, self.num_candidates, self.label_smoothing)

@@ -20,7 +20,7 @@ Method, in order:
 2. The backbone is built the way its library's users do
    (``open_clip.create_model_and_transforms(model, pretrained=...)`` or
    ``transformers.AutoModel.from_pretrained``); towers are optionally locked.
-3. HALO: the feature adapter is calibrated on the first training samples
+3. HALO: the feature adapter's statistics are measured on the first training samples
    (each modality centred and scaled to unit mean square, identical on every
    process), then :class:`~halo_embed.clip.HALOCLIP` trains with
    :class:`~halo_embed.losses.PairedHALOLoss` (captions as the images'
@@ -54,6 +54,7 @@ import math
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -61,8 +62,9 @@ import torch
 from ..io import atomic_write_json
 from .common import print_reports, recipe_main, warmup_cosine
 from .finetune_config import AUTOCAST, FinetuneConfig, add_arguments, configs_from_args, validate
-from .finetune_data import calibration_batches, load_pairs, training_loader, zeroshot_data_for
-from .finetune_report import evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
+from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, split_calibration, training_loader,
+                            zeroshot_data_for)
+from .finetune_report import calibrate_model, evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
 from .runs import JsonlLog, RunPosition, refuse_to_overwrite, resolve_resume, save_accelerate_state
 
 __all__ = ["FinetuneConfig", "build_model", "main", "run", "train"]
@@ -84,11 +86,9 @@ def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
     from ..clip import HALOCLIP, ContrastiveCLIP, load_backbone
 
     torch.manual_seed(config.seed)  # same initial weights for every loss of a comparison
-    backbone = load_backbone(config.family, config.model, config.pretrained, precision=config.precision)
-    if config.lock_image:
-        backbone.lock_image(config.lock_image_unlocked_groups, config.lock_image_freeze_bn_stats)
-    if config.lock_text:
-        backbone.lock_text(config.lock_text_unlocked_layers, config.lock_text_freeze_layer_norm)
+    backbone = load_backbone(config.family, config.model, config.pretrained, precision=config.precision,
+                             pretrained_image=config.pretrained_image, **config.preprocess_overrides())
+    apply_locks(backbone, config)
     if config.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     if config.loss == "halo":
@@ -97,8 +97,73 @@ def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
             distill=config.distill, label_smoothing=config.label_smoothing,
             rejection_weight=config.rejection_weight, norm_weight=config.norm_weight,
             normalization=config.normalization, momentum=config.normalization_momentum,
+            init_gamma=initial_temperature(backbone, config),
         )
-    return ContrastiveCLIP(backbone, config.loss, rank, world_size)
+    model = ContrastiveCLIP(backbone, config.loss, rank, world_size)
+    if config.logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(config.logit_scale))
+        model.logit_scale.requires_grad_(False)
+    return model
+
+
+def initial_temperature(backbone, config: FinetuneConfig) -> float | None:
+    """HALO's starting temperature from ``--init-temperature`` (``None``: HALO's reference start)."""
+    choice = config.init_temperature
+    scale = getattr(backbone.model, "logit_scale", None)
+    if choice == "auto":
+        choice = "model" if config.normalization == "sphere" and isinstance(scale, torch.Tensor) else "reference"
+    if choice == "reference":
+        return None
+    if choice == "model":
+        if not isinstance(scale, torch.Tensor):
+            raise ValueError("--init-temperature model: this model has no CLIP logit scale")
+        # 2 g = CLIP's scale: on the sphere g (2 cos - 1) differs from scale * cos by a constant per row
+        return 0.5 * math.exp(float(scale.detach().float().reshape(-1)[0]))
+    return float(choice)
+
+
+def optimizer_groups(model, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups (:func:`~halo_embed.clip.parameter_groups`); HALO's temperature in a group of its own at
+    ``--temperature-lr`` (default ``--lr`` x the starting temperature: ``gamma`` is the temperature itself
+    above 20, so this moves it by about ``--lr`` of its value per step, as AdamW moves CLIP's log scale)."""
+    from ..clip import HALOCLIP, parameter_groups
+
+    groups = parameter_groups(model, config.wd)
+    if not isinstance(model, HALOCLIP) or not model.loss.gamma.requires_grad:
+        return groups
+    gamma = model.loss.gamma
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p is not gamma]
+    lr = config.temperature_lr if config.temperature_lr is not None else config.lr * float(model.temperature.detach())
+    return [*groups, {"params": [gamma], "weight_decay": 0.0, "lr": lr}]
+
+
+def apply_locks(backbone, config: FinetuneConfig) -> None:
+    """``--lock-image`` / ``--lock-text`` on a backbone (the training one, or one rebuilt for evaluation)."""
+    if config.lock_image:
+        backbone.lock_image(config.lock_image_unlocked_groups, config.lock_image_freeze_bn_stats)
+    if config.lock_text:
+        backbone.lock_text(config.lock_text_unlocked_layers, config.lock_text_freeze_layer_norm)
+
+
+def attach_feature_cache(model, config: FinetuneConfig, training: bool) -> None:
+    """Serve the locked towers of ``model`` from the run's feature cache (``--feature-cache``); in training,
+    the image tower only when its inputs are deterministic (``--train-augment none``)."""
+    from ..clip.feature_cache import FeatureCache
+
+    directory = config.feature_cache_dir()
+    backbone = model.backbone
+    if directory is None:
+        backbone.attach_feature_cache(None)
+        return
+    towers = ["text"] if training and config.train_augment != "none" else ["image", "text"]
+    if directory not in _FEATURE_CACHES:  # one per folder and process: the WiSE-FT models share it
+        _FEATURE_CACHES[directory] = FeatureCache(directory)
+    backbone.attach_feature_cache(_FEATURE_CACHES[directory], towers)
+
+
+_FEATURE_CACHES: dict[Path, Any] = {}
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:
@@ -106,7 +171,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from ..clip import parameter_groups, save_checkpoint
+    from ..clip import save_checkpoint
 
     # 1. seeds, processes, and a run folder that holds no other run
     validate(config)
@@ -125,7 +190,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
 
     # 2. model and data; the run folder is created only once both are usable
     model = build_model(config, accelerator.process_index, accelerator.num_processes)
-    train_source = load_pairs(config, "train")
+    attach_feature_cache(model, config, training=True)
+    train_source, calibration_source = split_calibration(config, load_pairs(config, "train"))
     loader = training_loader(config, train_source, model.backbone)
     load_pairs(config, "val")  # a missing or malformed --val-data is reported now, not after training
     if accelerator.is_main_process:
@@ -135,15 +201,16 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     if config.wise_ft and resume_dir is not None and not (run_dir / "checkpoint-initial").is_dir():
         raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no checkpoint-initial/ "
                          "(the run was started without --wise-ft); resume without it")
-    if config.loss == "halo" and resume_dir is None:
-        batches = calibration_batches(config, train_source, model.backbone)
-        stats = model.calibrate(batches)
-        accelerator.print(f"adapter calibrated on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
+    if config.loss == "halo" and resume_dir is None and config.normalization != "sphere":
+        batches = adapter_batches(config, train_source, model.backbone)
+        stats = model.fit_adapter(batches)
+        accelerator.print(f"adapter statistics measured on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
     zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data is reported before training
+    calibration_data = calibration_pairs(calibration_source, config.seed)
 
     # 3. optimisation, resumed where a checkpoint left it
     total_steps = config.max_steps or math.ceil(len(loader) / config.accum_freq) * config.epochs
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.wd), lr=config.lr,
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=config.eps)
     scheduler = warmup_cosine(optimizer, config.warmup, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -153,7 +220,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         accelerator.load_state(str(resume_dir))
         accelerator.print(f"resumed from {resume_dir} at step {position.step}")
     elif accelerator.is_main_process:
-        record_initial_model(accelerator.unwrap_model(model), config, accelerator.device, zeroshot_data)
+        record_initial_model(accelerator.unwrap_model(model), config, accelerator.device, zeroshot_data,
+                             calibration_data)
     accelerator.wait_for_everyone()
     accelerator.init_trackers("finetune", config={k: v for k, v in asdict(config).items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -165,12 +233,14 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     # 5. the scorer's checkpoint, evaluation and report
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    attach_feature_cache(unwrapped, config, training=False)  # evaluation images are deterministic
     metrics: dict[str, Any] = {"config": asdict(config), "steps": position.step,
                                "skipped_images": position.skipped_images,
                                "skipped_rows": len(getattr(train_source, "bad_rows", []))}
     if accelerator.is_main_process:
+        calibration = calibrate_model(unwrapped, calibration_data, accelerator.device)
         save_checkpoint(unwrapped, run_dir / "checkpoint", extra={"step": position.step, "config": asdict(config)})
-        metrics.update(evaluate_run(unwrapped, config, accelerator.device))
+        metrics.update(evaluate_run(unwrapped, config, accelerator.device, calibration))
         if zeroshot_data is not None:
             before = run_dir / ZEROSHOT_BEFORE  # missing when --zeroshot-data was first given on a resume
             metrics["zeroshot"] = {"before": json.loads(before.read_text()) if before.is_file() else None,
@@ -180,18 +250,22 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
 
             metrics["wise_ft"] = sweep(run_dir, config.wise_ft, accelerator.device, config=config)
         write_run_report(run_dir, config, metrics)
+    if unwrapped.backbone.feature_cache is not None:
+        unwrapped.backbone.feature_cache.flush()
     accelerator.end_training()
     return metrics
 
 
-def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data) -> None:
+def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data, calibration_data=None) -> None:
     """What the run starts from: its zero-shot accuracy (``--zeroshot-data``) and, for ``--wise-ft``, the
-    model itself (``checkpoint-initial/``: after the adapter's calibration, before the first step)."""
+    model itself (``checkpoint-initial/``: after the adapter's statistics are measured, before the first step),
+    for HALO with its decision fitted on the calibration pairs (``--calibration-split``)."""
     from ..clip import save_checkpoint
     from ..io import atomic_write_json
     from .runs import rng_state, set_rng_state
 
     run_dir = config.run_dir()
+    calibrate_model(model, calibration_data, device)
     if zeroshot_data is not None:
         state = rng_state()  # the evaluation's DataLoader draws a seed: training stays as without it
         before = evaluate_zeroshot_for(model, config, device, zeroshot_data)
@@ -213,6 +287,7 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
     model.train()
     saved_at = position.step
     clamp_logit_scale = getattr(accelerator.unwrap_model(model), "clamp_logit_scale", None)  # CLIP / SigLIP
+    cache = accelerator.unwrap_model(model).backbone.feature_cache
     while position.step < total_steps:
         for batch in epoch_batches(accelerator, loader, position, config):
             with accelerator.accumulate(model):
@@ -242,6 +317,8 @@ def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunP
             if position.step % config.save_every == 0 or position.step == total_steps:
                 save_accelerate_state(accelerator, config.run_dir(), position, config.keep_checkpoints)
                 saved_at = position.step
+                if cache is not None:  # a resumed run reads the features this one computed
+                    cache.flush()
             if position.step >= total_steps:
                 break
         epoch_done = position.batches_in_epoch == 0

@@ -57,6 +57,24 @@ class FinetuneConfig:
     model: str = option("halo-tiny-vit", "open_clip architecture (or hf-hub:/local-dir:/config .json), "
                                          "or a transformers model id or folder")
     pretrained: str | None = option(None, "open_clip pretrained tag or local checkpoint file")
+    pretrained_image: str | None = option(None, "open_clip, a timm image tower (vision_cfg.timm_model_name): its "
+                                                "pretrained weights from this file (timm keys, or the "
+                                                "EfficientNet-PyTorch layout); open_clip_train's flag downloads "
+                                                "timm's instead")
+    image_mean: list[float] = option([], "override the model's image normalisation mean (3 values; open_clip's "
+                                         "flag)")
+    image_std: list[float] = option([], "override the model's image normalisation std (3 values; open_clip's flag)")
+    image_interpolation: str | None = option(None, "override the model's resize interpolation (open_clip's flag)",
+                                             choices=("bicubic", "bilinear", "random"))
+    image_resize_mode: str | None = option(None, "override the model's resize mode for evaluation (open_clip's "
+                                                 "flag)", choices=("shortest", "longest", "squash"))
+    train_augment: str = option("model", "training images: 'model' = the model's training transform (random "
+                                         "crops), 'none' = its evaluation transform (deterministic, so a locked "
+                                         "image tower's features are computed once; see --feature-cache)",
+                                choices=("model", "none"))
+    feature_cache: str | None = option("run", "outputs of locked towers (--lock-image / --lock-text with nothing "
+                                              "unlocked before the projection), computed once and kept: 'run' = in "
+                                              "the run folder, a folder (may be shared by runs), or 'off'")
     # data
     train_data: str = option("shapes", "'shapes' (built-in), a CSV/TSV, an image folder, or an HF dataset")
     val_data: str | None = option(None, "the same kinds (default for shapes: its val split; for an HF dataset: "
@@ -121,6 +139,8 @@ class FinetuneConfig:
                                                       "too (Hugging Face text towers; open_clip's own text tower "
                                                       "always locks them with their layer)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    logit_scale: float | None = option(None, "CLIP / SigLIP: hold the logit scale at this value (not learnt; "
+                                             "default: learnt from the model's own)", type=optional_float)
     # HALO
     label_smoothing: float = option(0.1, "HALO: label smoothing (also sets the abstain bias)")
     distill: bool = option(True, "HALO: label smoothing instead of self-distilled soft targets",
@@ -130,11 +150,26 @@ class FinetuneConfig:
                                           "wrong candidate)")
     norm_weight: float = option(0.0, "HALO: weight of the radial term on |x|^2/D")
     normalization: str = option("fixed", "HALO: centre and scale each modality with statistics measured once "
-                                         "(fixed) or with every training batch's, tracked for scoring (running)",
-                                choices=("fixed", "running"))
+                                         "(fixed) or with every training batch's, tracked for scoring (running); "
+                                         "or put every feature on the sphere of radius sqrt(D) (sphere: HALO ranks "
+                                         "as the pretrained model's cosine does)",
+                                choices=("fixed", "running", "sphere"))
+    init_temperature: str = option("auto", "HALO: starting temperature: a number, 'reference' (HALO's "
+                                           "20 / (1 + 2/D)), 'model' (half the model's CLIP logit scale: HALO's "
+                                           "softmax over captions is then CLIP's), or 'auto' (model for "
+                                           "--normalization sphere, reference otherwise)")
+    temperature_lr: float | None = option(None, "HALO: learning rate of the temperature (default: --lr times the "
+                                                "starting temperature, so that it moves by the same fraction per "
+                                                "step as CLIP's log-parameterised scale)", type=optional_float)
     normalization_momentum: float = option(0.05, "HALO, --normalization running: weight of each batch in the "
                                                  "running statistics")
-    calibration_samples: int = option(512, "HALO: training samples that set the feature adapter's statistics")
+    adapter_samples: int = option(512, "HALO, --normalization fixed/running: training samples on which the "
+                                       "feature adapter's centre and scale are measured (not the decision: see "
+                                       "--calibration-split)")
+    calibration_split: float = option(0.0, "share of the training images held out (never trained on) to "
+                                           "calibrate the accept / reject decision on their aligned and mismatched "
+                                           "pairs at the end of training and for each WiSE-FT alpha (0: keep HALO's "
+                                           "constant bias)")
     # run
     seed: int = option(0, "initial weights, data order and augmentation")
     logs: str = option("runs", "folder for run folders (open_clip's name; --output is the same, and torchrun-safe)",
@@ -161,6 +196,18 @@ class FinetuneConfig:
 
     def run_dir(self) -> Path:
         return Path(self.logs) / (self.name or f"finetune-{self.loss}")
+
+    def feature_cache_dir(self) -> Path | None:
+        """Where locked towers' features are kept (``None``: ``--feature-cache off``)."""
+        if self.feature_cache in (None, "off"):
+            return None
+        return self.run_dir() / "feature_cache" if self.feature_cache == "run" else Path(self.feature_cache)
+
+    def preprocess_overrides(self) -> dict[str, object]:
+        """The ``--image-*`` options as open_clip's ``create_model_and_transforms`` arguments (given ones only)."""
+        triple = lambda values: tuple(values * 3 if len(values) == 1 else values) if values else None  # noqa: E731
+        return {"image_mean": triple(self.image_mean), "image_std": triple(self.image_std),
+                "image_interpolation": self.image_interpolation, "image_resize_mode": self.image_resize_mode}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +275,22 @@ def validate(config: FinetuneConfig) -> None:
             read_templates(config.zeroshot_templates)
         except ValueError as error:
             raise ValueError(f"--zeroshot-templates: {error}") from None
+    for name in ("image_mean", "image_std"):
+        values = getattr(config, name)
+        if values and (len(values) not in (1, 3) or not all(math.isfinite(v) for v in values)):
+            raise ValueError(f"--{name.replace('_', '-')} takes 1 or 3 finite numbers, got {values}")
+    if config.image_std and any(v <= 0 for v in config.image_std):
+        raise ValueError(f"--image-std values must be > 0, got {config.image_std}")
+    if config.family == "transformers":
+        given = [name for name in ("pretrained", "pretrained_image", "image_mean", "image_std", "image_interpolation",
+                                   "image_resize_mode") if getattr(config, name)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an open_clip option; a transformers model brings its "
+                             "weights and image processor from its hub id or folder")
+    if config.pretrained_image is not None and not Path(config.pretrained_image).is_file():
+        raise ValueError(f"--pretrained-image {config.pretrained_image} is not a file")
+    if config.feature_cache not in (None, "run", "off") and Path(config.feature_cache).is_file():
+        raise ValueError(f"--feature-cache {config.feature_cache} is a file; give a folder, 'run' or 'off'")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
     if config.loss == "halo" and config.batch_size < 2:
@@ -236,6 +299,23 @@ def validate(config: FinetuneConfig) -> None:
         raise ValueError(f"--grad-clip-norm must be >= 0 or none, got {config.grad_clip_norm}")
     if config.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {config.lr}")
+    if not 0 <= config.calibration_split < 1:
+        raise ValueError(f"--calibration-split must be in [0, 1) (a share of the training images), got "
+                         f"{config.calibration_split}")
+    if config.logit_scale is not None and not (math.isfinite(config.logit_scale) and 0 < config.logit_scale <= 100):
+        raise ValueError(f"--logit-scale must be in (0, 100] (open_clip clamps it at 100), got {config.logit_scale}")
+    if config.logit_scale is not None and config.loss == "halo":
+        raise ValueError("--logit-scale is CLIP's and SigLIP's temperature; HALO's is --init-temperature")
+    if config.temperature_lr is not None and not config.temperature_lr >= 0:
+        raise ValueError(f"--temperature-lr must be >= 0, got {config.temperature_lr}")
+    if config.init_temperature not in ("auto", "model", "reference"):
+        try:
+            value = float(config.init_temperature)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError("--init-temperature must be a positive number, 'reference', 'model' or 'auto', got "
+                             f"{config.init_temperature!r}")
     if not 0 < config.normalization_momentum <= 1:
         raise ValueError(f"--normalization-momentum must be in (0, 1], got {config.normalization_momentum}")
     if config.precision not in PRECISIONS:

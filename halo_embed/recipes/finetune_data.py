@@ -1,5 +1,5 @@
 """The fine-tuning recipe's data: which reader a ``--train-data`` needs, the training loader, the pairs the
-feature adapter is calibrated on, and the evaluation sets."""
+feature adapter's statistics are measured on, and the evaluation sets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from .finetune_config import FinetuneConfig
 
-__all__ = ["calibration_batches", "eval_data_for", "load_pairs", "source_kind", "training_loader"]
+__all__ = ["PairSubset", "adapter_batches", "calibration_data_for", "calibration_pairs", "eval_data_for", "load_pairs", "source_kind",
+           "split_calibration", "training_loader"]
 
 
 def source_kind(path: str, declared: str) -> str:
@@ -50,13 +51,80 @@ def load_pairs(config: FinetuneConfig, split: str):
                    config.hf_image_column, config.hf_text_column)
 
 
+class PairSubset:
+    """The pairs ``indices`` of a pair source, read through it (the training or the calibration part)."""
+
+    def __init__(self, source, indices: list[int]) -> None:
+        self.source, self.indices = source, list(indices)
+        self.bad_rows = getattr(source, "bad_rows", [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+    def text_and_group(self, index: int):
+        return self.source.text_and_group(self.indices[index])
+
+    def image_key(self, index: int):
+        key_of = getattr(self.source, "image_key", None)
+        return key_of(self.indices[index]) if key_of else self.source.text_and_group(self.indices[index])[1]
+
+
+def split_calibration(config: FinetuneConfig, source):
+    """``(training pairs, calibration pairs or None)``: ``--calibration-split`` of the images (all captions of
+    an image on one side), a seeded random choice, never trained on.
+
+    Raises:
+        ValueError: a split that leaves fewer images than a stable fit needs, or no training image.
+    """
+    from ..clip.decision import check_min_images
+
+    if not config.calibration_split:
+        return source, None
+    key_of = getattr(source, "image_key", None)
+    by_image: dict = {}
+    for index in range(len(source)):
+        key = key_of(index) if key_of else source.text_and_group(index)[1]
+        by_image.setdefault(key, []).append(index)
+    keys = list(by_image)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    count = round(config.calibration_split * len(keys))
+    what = f"--calibration-split {config.calibration_split:g} of {len(keys)} training images"
+    check_min_images(count, what)
+    if count >= len(keys):
+        raise ValueError(f"{what} leaves no image to train on")
+    held_out = {keys[i] for i in order[:count]}
+    train = [i for key in keys if key not in held_out for i in by_image[key]]
+    calibration = [i for key in keys if key in held_out for i in by_image[key]]
+    return PairSubset(source, train), PairSubset(source, calibration)
+
+
+def calibration_data_for(config: FinetuneConfig, source=None):
+    """The calibration pairs (``None`` without ``--calibration-split``): every held-out image with one of
+    its captions (aligned) and another image's caption (mismatched), as
+    :class:`~halo_embed.clip.evaluate.AlignmentEvalData` with sets ``aligned`` and ``shuffled``."""
+    _, calibration = split_calibration(config, source if source is not None else load_pairs(config, "train"))
+    return calibration_pairs(calibration, config.seed)
+
+
+def calibration_pairs(calibration, seed: int):
+    """:func:`calibration_data_for` of an already split-off :class:`PairSubset` (``None`` passes through)."""
+    from ..clip.evaluate import build_eval_data
+
+    if calibration is None:
+        return None
+    return build_eval_data(calibration, max_images=len(calibration), seed=seed)
+
+
 def training_loader(config: FinetuneConfig, source, backbone):
     """Batches of augmented pairs in an order that depends only on ``(seed, epoch)`` (full batches only)."""
     from torch.utils.data import DataLoader
 
     from ..data.pairs import EpochSampler, PairDataset, collate_pairs
 
-    dataset = PairDataset(source, backbone.image_transform(train=True), seed=config.seed,
+    dataset = PairDataset(source, backbone.image_transform(train=config.train_augment == "model"), seed=config.seed,
                           max_pixels=config.max_image_pixels)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), seed=config.seed),
                         num_workers=config.workers, drop_last=True,
@@ -66,8 +134,8 @@ def training_loader(config: FinetuneConfig, source, backbone):
     return loader
 
 
-def calibration_batches(config: FinetuneConfig, source, backbone) -> list[tuple[torch.Tensor, object]]:
-    """``(pixels, tokens)`` of ``--calibration-samples`` training pairs for the feature adapter.
+def adapter_batches(config: FinetuneConfig, source, backbone) -> list[tuple[torch.Tensor, object]]:
+    """``(pixels, tokens)`` of ``--adapter-samples`` training pairs for the feature adapter.
 
     A seeded random sample (files are often sorted by class), without
     augmentation, the same on every process, so every rank gets the same
@@ -78,15 +146,15 @@ def calibration_batches(config: FinetuneConfig, source, backbone) -> list[tuple[
 
     dataset = PairDataset(source, backbone.image_transform(train=False), seed=config.seed,
                           max_pixels=config.max_image_pixels)
-    count = min(config.calibration_samples, len(dataset))
+    count = min(config.adapter_samples, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:count].tolist()
     batches = [collate_pairs([dataset[i] for i in chosen[s : s + 64]], backbone.tokenize)
                for s in range(0, count, 64)]
     usable = [(b["pixels"], b["tokens"]) for b in batches if b["pixels"] is not None]
     if not usable:
         errors = [e for b in batches for e in b["errors"]]
-        raise ImageLoadError(f"none of the {count} calibration samples could be read, e.g. {errors[0]}"
-                             if errors else "the training data has no usable sample to calibrate on")
+        raise ImageLoadError(f"none of the {count} samples for the adapter's statistics could be read, e.g. {errors[0]}"
+                             if errors else "the training data has no usable sample to measure the adapter's statistics on")
     return usable
 
 

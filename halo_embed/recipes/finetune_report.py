@@ -10,7 +10,8 @@ from typing import Any, Sequence
 from .finetune_config import FinetuneConfig
 from .finetune_data import eval_data_for, source_kind, zeroshot_data_for
 
-__all__ = ["evaluate_run", "evaluate_zeroshot_for", "headline", "write_comparison", "write_run_report"]
+__all__ = ["calibrate_model", "evaluate_run", "evaluate_zeroshot_for", "headline", "write_comparison",
+           "write_run_report"]
 
 
 def evaluate_zeroshot_for(model, config: FinetuneConfig, device, data=None) -> dict[str, Any] | None:
@@ -32,19 +33,47 @@ def evaluate_zeroshot_for(model, config: FinetuneConfig, device, data=None) -> d
         model.train(was_training)
 
 
-def evaluate_run(model, config: FinetuneConfig, device) -> dict[str, Any]:
-    """Retrieval and rejection on the validation data (and the unseen combinations of the built-in data)."""
+def calibrate_model(model, data, device) -> dict[str, Any] | None:
+    """On the calibration pairs ``data`` (:func:`~halo_embed.recipes.finetune_data.calibration_data_for`;
+    ``None``: nothing to do): fit a HALO model's decision, and return every model's
+    :func:`~halo_embed.clip.evaluate.calibration_scores` (for the rules a user would choose on them)."""
+    from ..clip import HALOCLIP
+    from ..clip.evaluate import calibration_scores, view_of
+
+    if data is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        scores = calibration_scores(view_of(model), data, device)
+        if isinstance(model, HALOCLIP):
+            model.fit_decision(scores["images"], scores["aligned_texts"], scores["mismatched_texts"],
+                               source=f"{len(data.images)} held-out training images (--calibration-split)")
+            scores = calibration_scores(view_of(model), data, device)  # the scores at the fitted temperature
+        return scores
+    finally:
+        model.train(was_training)
+
+
+def evaluate_run(model, config: FinetuneConfig, device, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Retrieval and rejection on the validation data (and the unseen combinations of the built-in data);
+    ``calibration``: :func:`calibrate_model`'s scores, for the thresholds a user would choose on them."""
+    from ..clip import HALOCLIP
     from ..clip.evaluate import build_eval_data, evaluate_alignment, view_of
     from ..data.shapes import ShapesDataset
 
     model.eval()
     view = view_of(model)
-    results = {"val": evaluate_alignment(view, eval_data_for(config), device)}
+    results = {"val": evaluate_alignment(view, eval_data_for(config), device, calibration=calibration)}
     if source_kind(config.train_data, config.dataset_type) == "shapes":
         unseen = ShapesDataset("unseen", config.shapes_val_images, seed=config.seed)
         results["unseen combinations"] = evaluate_alignment(
-            view, build_eval_data(unseen, config.eval_images, config.seed, hard_negative=unseen.hard_negative), device)
-    return {"eval": results}
+            view, build_eval_data(unseen, config.eval_images, config.seed, hard_negative=unseen.hard_negative), device,
+            calibration=calibration)
+    out: dict[str, Any] = {"eval": results}
+    if isinstance(model, HALOCLIP):
+        out["decision"] = model.decision.to_dict()
+    return out
 
 
 def headline(metrics: dict[str, Any], split: str = "val") -> dict[str, float]:
@@ -110,13 +139,27 @@ def write_run_report(run_dir: Path, config: FinetuneConfig, metrics: dict[str, A
     sections = [f"Loss `{config.loss}`, model `{config.model}` ({config.family}), data `{config.train_data}`, "
                 f"{metrics['steps']} steps of {config.batch_size} pairs, seed {config.seed}; "
                 f"{metrics['skipped_images']} broken training images skipped.\n"]
+    if "decision" in metrics:
+        decision = metrics["decision"]
+        sections.append("Decision: " + (
+            f"fitted on {decision['fitted_on'].get('aligned')} aligned and {decision['fitted_on'].get('mismatched')} "
+            f"mismatched pairs of held-out training images (--calibration-split {config.calibration_split:g})"
+            if decision["rule"] == "fitted" else "HALO's constant abstain bias (no --calibration-split)")
+            + f": temperature {decision['temperature']:.3f}, bias {decision['bias']:.3f}.\n")
+    percent = lambda v, k: "-" if v.get(k) is None else f"{100 * v[k]:.2f}"  # noqa: E731
+    number = lambda v, k: "-" if v.get(k) is None else f"{v[k]:.4f}"  # noqa: E731
     for split, result in metrics["eval"].items():
-        rows = [[name, *(f"{100 * v[k]:.2f}" for k in ("auroc", "fpr95_id_kept", "fpr95_ood_caught", "aupr_in")),
-                 "-" if v.get("builtin_threshold_accuracy") is None else f"{100 * v['builtin_threshold_accuracy']:.2f}",
-                 f"{100 * v['tuned_threshold_accuracy']:.2f}"] for name, v in result["rejection"].items()]
-        sections.append(f"## {split}: rejection (aligned pairs vs mismatched)\n\n" + markdown_table(
+        rows = [[name, *(percent(v, k) for k in ("auroc", "fpr95_id_kept", "fpr95_ood_caught", "aupr_in",
+                                                  "builtin_threshold_accuracy", "tuned_threshold_accuracy",
+                                                  "calibration_threshold_accuracy", "platt_accuracy")),
+                 number(v, "builtin_ece"), number(v, "platt_ece")] for name, v in result["rejection"].items()]
+        sections.append(f"## {split}: rejection (aligned pairs vs mismatched)\n\nAccuracies are balanced, on the "
+                        "odd half of each set; 'tuned' chooses its threshold on the even half, 'calibration "
+                        "threshold' and 'Platt' on the held-out calibration pairs (--calibration-split).\n\n"
+                        + markdown_table(
             ["negatives", "AUROC %", "FPR@95 (aligned kept) %", "FPR@95 (mismatch caught) %", "AUPR-in %",
-             "built-in threshold acc. %", "tuned threshold acc. %"], rows))
+             "built-in decision acc. %", "tuned threshold acc. %", "calibration threshold acc. %",
+             "Platt acc. %", "ECE of p(aligned)", "ECE, Platt"], rows))
         sections.append(f"## {split}: retrieval\n\n" + side_by_side(
             {config.loss: result["retrieval"]}, [(k, k) for k in result["retrieval"]]))
         plots.update(_plots(run_dir, split.replace(" ", "_"), result))

@@ -5,7 +5,7 @@ the run's validation data, its zero-shot accuracy on ``--zeroshot-data``, and a 
     halo-embed wise-ft runs/finetune-halo --alphas 0 0.25 0.5 0.75 1                      # on a finished run
 
 The run folder holds ``checkpoint-initial/`` (the model before the first
-step: for HALO after the adapter's calibration; written when the run was
+step: for HALO after the adapter's statistics are measured; written when the run was
 started with ``--wise-ft``) and ``checkpoint/`` (the fine-tuned model). The
 sweep writes ``<output>/alpha-<alpha>/`` (a checkpoint per alpha: for HALO the
 scorer loads it), ``wise_ft.json``, ``wise_ft.md`` and ``wise_ft.png`` (the
@@ -59,8 +59,9 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     from ..clip.evaluate import evaluate_alignment, view_of
     from ..clip.wise_ft import interpolate_weights
     from ..io import atomic_write_json, unused_path
-    from .finetune_data import eval_data_for, zeroshot_data_for
-    from .finetune_report import evaluate_zeroshot_for
+    from .clip_finetune import apply_locks, attach_feature_cache
+    from .finetune_data import calibration_data_for, eval_data_for, zeroshot_data_for
+    from .finetune_report import calibrate_model, evaluate_zeroshot_for
 
     run_dir = Path(run_dir)
     alphas = sorted({float(a) for a in alphas})
@@ -77,14 +78,19 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     output = unused_path(Path(output) if output else run_dir / "wise_ft")
     output.mkdir(parents=True)
     eval_data, zeroshot_data = eval_data_for(config), zeroshot_data_for(config)
+    calibration_data = calibration_data_for(config)
     points = []
     for alpha in alphas:
         model = interpolate_weights(initial, finetuned, alpha).eval()
-        result = evaluate_alignment(view_of(model), eval_data, device)
+        apply_locks(model.backbone, config)  # what was locked in training is identical at every alpha:
+        attach_feature_cache(model, config, training=False)  # its features are computed once
+        calibration = calibrate_model(model, calibration_data, device)  # each alpha's own decision
+        result = evaluate_alignment(view_of(model), eval_data, device, calibration=calibration)
         point: dict[str, Any] = {
             "alpha": alpha, "retrieval": result["retrieval"], "mean_recall": mean_recall(result["retrieval"]),
             "auroc_all_mismatched": result["rejection"]["all mismatched"]["auroc"],
             "builtin_threshold_accuracy": result["rejection"]["all mismatched"].get("builtin_threshold_accuracy"),
+            "rejection": {k: v for k, v in result["rejection"]["all mismatched"].items() if isinstance(v, float)},
             "zeroshot": evaluate_zeroshot_for(model, config, device, zeroshot_data),
             "checkpoint": f"alpha-{alpha:.2f}",
         }
@@ -93,6 +99,8 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
         zeroshot = point["zeroshot"]
         print(f"WiSE-FT alpha {alpha:.2f}: mean recall {100 * point['mean_recall']:.2f} %"
               + (f", zero-shot top-1 {100 * zeroshot['top1']:.2f} %" if zeroshot else ""), flush=True)
+    if model.backbone.feature_cache is not None:
+        model.backbone.feature_cache.flush()
     payload = {"run": str(run_dir), "loss": config.loss, "output": str(output), "alphas": points}
     atomic_write_json(output / "wise_ft.json", payload)
     _write_report(output, config, points)
