@@ -49,3 +49,28 @@ def tinyimagenet(root: str | Path, shared: str | Path) -> dict[str, str]:
         with tarfile.open(Path(shared) / "tinyimagenet32-train.tar.gz") as archive:
             archive.extractall(root.parent, filter="data")
     return dict(line.split("\t") for line in (root / "classes.tsv").read_text().splitlines() if line.strip())
+
+
+def flickr_csvs(shared: str | Path, out: str | Path, images: int | None = None, val_images: int = 200) -> tuple[Path, Path]:
+    """Flickr8k-1000 as open_clip CSVs (``filepath,title``) under ``out``: the images sorted by name, the last
+    ``val_images`` for validation, the others (the first ``images`` of them, default all) for training."""
+    import csv
+
+    src, out = Path(shared) / "flickr8k-1000", Path(out)
+    train, val = out / "train.csv", out / "val.csv"
+    if train.exists() and val.exists():
+        return train, val
+    out.mkdir(parents=True, exist_ok=True)
+    with open(src / "captions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = sorted({r["image"] for r in rows})
+    training = names[:-val_images][:images]
+    split = {**{name: "train" for name in training}, **{name: "val" for name in names[-val_images:]}}
+    for part, path in (("train", train), ("val", val)):
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filepath", "title"])
+            for r in rows:
+                if split.get(r["image"]) == part:
+                    writer.writerow([str((src / "images" / r["image"]).resolve()), r["caption"]])
+    return train, val

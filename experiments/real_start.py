@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _shared import cifar10
+from _shared import cifar10, flickr_csvs
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -80,31 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def flickr_csvs(args) -> tuple[Path, Path]:
-    """Flickr8k-1000 as open_clip CSVs: the first 800 images (sorted by name) train, the last 200 validate."""
-    import csv
-
-    src, out = Path(args.shared) / "flickr8k-1000", Path(args.out) / "flickr"
-    train, val = out / "train.csv", out / "val.csv"
-    if train.exists() and val.exists():
-        return train, val
-    out.mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(src / "captions.csv", newline="")))
-    images = sorted({r["image"] for r in rows})
-    if args.smoke:
-        images = images[:560] + images[-20:]  # 10 % of 560 is the 56 a decision fit needs
-    split = {name: ("train" if i < len(images) - (20 if args.smoke else 200) else "val")
-             for i, name in enumerate(images)}
-    for part, path in (("train", train), ("val", val)):
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["filepath", "title"])
-            for r in rows:
-                if split.get(r["image"]) == part:
-                    writer.writerow([str((src / "images" / r["image"]).resolve()), r["caption"]])
-    return train, val
-
-
 def lit_scale(lit_folder: Path) -> float:
     """The pretrained model's CLIP logit scale (HALO's starting 2 g under the sphere geometry)."""
     from safetensors.torch import load_file
@@ -117,7 +92,8 @@ def run_dir(args, variant: str, seed: int) -> Path:
 
 
 def finetune_command(args, variant: str, seed: int) -> list[str]:
-    train, val = flickr_csvs(args)
+    train, val = flickr_csvs(args.shared, Path(args.out) / "flickr", 560 if args.smoke else None,
+                             20 if args.smoke else 200)  # smoke: 10 % of 560 is the 56 a decision fit needs
     lit_folder = Path(args.lit) / "lit-effnet-minilm"
     cifar_test = cifar10(REPO / "runs" / "data" / "cifar10", args.shared) / "test"
     folder = run_dir(args, variant, seed)

