@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--losses", nargs="+", default=["halo", "clip"])
     parser.add_argument("--alphas", nargs="+", default=["0", "0.25", "0.5", "0.75", "1"])
     parser.add_argument("--zeroshot-images", type=int, default=1000)
-    parser.add_argument("--finetune-args", default="--preset small-data --normalization sphere",
+    parser.add_argument("--finetune-args", default="--preset small-data --lock-image-freeze-bn-stats",
                         help="further halo-embed finetune options")
     return parser.parse_args(argv)
 

@@ -44,14 +44,14 @@ from _shared import cifar10, flickr_csvs
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "halo-sphere": ["--loss", "halo", "--normalization", "sphere"],
-    "halo-fixed": ["--loss", "halo"],
+    "halo-fixed": ["--loss", "halo", "--normalization", "fixed"],
     "clip": ["--loss", "clip"],
     "clip-frozen": ["--loss", "clip", "--logit-scale", "{scale}"],
 }
 SETTINGS = {
     "heads": ["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm", "--train-augment", "none",
               "--lr", "1e-3", "--warmup", "20", "--epochs", "10", "--batch-size", "64"],
-    "partial": ["--preset", "small-data", "--lock-text", "--lock-text-freeze-layer-norm"],
+    "partial": ["--preset", "small-data", "--lock-image-freeze-bn-stats", "--lock-text", "--lock-text-freeze-layer-norm"],
 }
 ALPHAS = ["0", "0.25", "0.5", "0.75", "1"]
 TEMPLATE = "a photo of a {}."
@@ -165,8 +165,48 @@ def carried_threshold(model, data, seed: int) -> float:
     return best_threshold(scores[0], scores[1])[0]
 
 
+@torch.no_grad()
+def zeroshot_scores(model, data, ood_images) -> dict[str, float]:
+    """CIFAR-10 vs SVHN AUROC of one model under two rejection scores, to tell the model from the score: the
+    best prompt's cosine (what HALO's p(aligned) ranks by on the sphere) and MCM (CLIP's: the largest softmax
+    of the cosines at temperature 1)."""
+    import torch.nn.functional as F
+
+    from halo_embed.clip.evaluate import _embed_images, view_of
+    from halo_embed.clip.zeroshot import class_prototypes
+    from halo_embed.eval import ood_metrics
+
+    view = view_of(model)
+    prototypes = F.normalize(class_prototypes(view, data.classnames, [TEMPLATE]), dim=-1)
+    transform = view.backbone.image_transform(False)
+    known = F.normalize(_embed_images(view, data.images, transform, "cpu", 128), dim=-1) @ prototypes.T
+    unknown = F.normalize(_embed_images(view, ood_images, transform, "cpu", 128), dim=-1) @ prototypes.T
+    scores = {"best prompt's cosine": lambda c: c.max(1).values, "MCM": lambda c: c.softmax(1).max(1).values}
+    return {name: ood_metrics(f(known).numpy(), f(unknown).numpy())["auroc"] for name, f in scores.items()}
+
+
+@torch.no_grad()
+def prompt_calibrated_zeroshot(model, train_data, test_data, ood_images, seed: int) -> dict:
+    """HALO's zero-shot decision fitted on the zero-shot domain's own held-out pairs (``halo-embed
+    calibrate``'s fit): CIFAR-10 *training* images with their class prompt (aligned) and another class's
+    (mismatched); then CIFAR-10 test vs SVHN with that decision."""
+    from halo_embed.clip.evaluate import _embed_images, _embed_texts, view_of
+    from halo_embed.clip.zeroshot import evaluate_zeroshot
+
+    view = view_of(model)
+    images, aligned, mismatched = prompt_pairs(train_data, seed)
+    embedded = _embed_images(view, images, view.backbone.image_transform(False), "cpu", 128)
+    model.fit_decision(embedded, _embed_texts(view, aligned, "cpu", 128), _embed_texts(view, mismatched, "cpu", 128),
+                       source=f"{len(images)} CIFAR-10 training images with class prompts")
+    result = evaluate_zeroshot(view, test_data, [TEMPLATE], ood={"svhn": ood_images})
+    return {"decision": model.decision.to_dict(), "abstain_rate": result["abstain_rate"],
+            **{k: v for k, v in result["ood"]["svhn"].items() if isinstance(v, float)}}
+
+
 def posthoc(args) -> None:
+    from halo_embed.clip import HALOCLIP
     from halo_embed.clip.evaluate import evaluate_alignment, view_of
+    from halo_embed.data.collections import ImageCollection
     from halo_embed.clip.zeroshot import evaluate_zeroshot, load_zeroshot_data
     from halo_embed.io import atomic_write_json
     from halo_embed.recipes.finetune_data import calibration_data_for, eval_data_for
@@ -178,6 +218,9 @@ def posthoc(args) -> None:
     seen = load_zeroshot_data(lit / "zeroshot-seen" / "images", lit / "zeroshot-seen" / "classnames.tsv",
                               limit=1000, seed=0)
     cache_dir = Path(args.out) / "feature_cache"
+    cifar = cifar10(REPO / "runs" / "data" / "cifar10", args.shared)
+    svhn = ImageCollection(Path(args.shared) / "svhn-partial.npz", limit=args.eval_images)
+    svhn = [svhn[i] for i in range(len(svhn))]
     for seed in args.seeds:
         for variant in args.variants:
             folder = run_dir(args, variant, seed)
@@ -199,6 +242,12 @@ def posthoc(args) -> None:
             evaluation = evaluate_alignment(view_of(model), eval_data, "cpu", calibration=calibration,
                                             carried_threshold=threshold)
             result["carried_threshold"] = threshold
+            cifar_test = load_zeroshot_data(cifar / "test", limit=args.zeroshot_images, seed=seed)
+            result["zeroshot_scores"] = zeroshot_scores(model, cifar_test, svhn)
+            if isinstance(model, HALOCLIP):
+                cifar_train = load_zeroshot_data(cifar / "train", limit=args.eval_images, seed=seed)
+                result["prompt_calibrated_zeroshot"] = prompt_calibrated_zeroshot(
+                    _model(folder / "checkpoint", cache_dir), cifar_train, cifar_test, svhn, seed)
             result["rejection"] = {name: {k: v for k, v in values.items() if isinstance(v, float)}
                                    for name, values in evaluation["rejection"].items()}
             atomic_write_json(target, result)
@@ -278,6 +327,12 @@ def report(args) -> None:
         ("CIFAR-10 vs SVHN: threshold tuned on half the test images %",
          lambda m: m["zeroshot"]["after"]["ood"][svhn]["tuned_threshold_accuracy"]),
         ("CIFAR-10 images HALO abstains on %", lambda m: m["zeroshot"]["after"].get("abstain_rate")),
+        ("CIFAR-10 vs SVHN: HALO's decision fitted on CIFAR-10 training prompts %",
+         lambda m: m["posthoc"].get("prompt_calibrated_zeroshot", {}).get("builtin_decision_accuracy")),
+        ("CIFAR-10 vs SVHN: AUROC % scored by the best prompt's cosine",
+         lambda m: m["posthoc"].get("zeroshot_scores", {}).get("best prompt's cosine")),
+        ("CIFAR-10 vs SVHN: AUROC % scored by MCM",
+         lambda m: m["posthoc"].get("zeroshot_scores", {}).get("MCM")),
         ("unseen Tiny-ImageNet classes: zero-shot top-1 % before",
          lambda m: m["posthoc"].get("unseen_tiny_zeroshot", {}).get("before", {}).get("top1")),
         ("unseen Tiny-ImageNet classes: zero-shot top-1 % after",

@@ -203,14 +203,16 @@ def test_csv_pairs_read_with_the_csv_module_and_skip_undecodable_rows(tmp_path):
         CSVPairs(tmp_path / "neither.csv")
 
 
-@pytest.mark.parametrize("loss", ["clip", "halo"])
-def test_every_image_missing_is_an_error_not_a_hang(tmp_path, tiny_model_dirs, loss):
+@pytest.mark.parametrize("loss, normalization", [("clip", "auto"), ("halo", "auto"), ("halo", "fixed")])
+def test_every_image_missing_is_an_error_not_a_hang(tmp_path, tiny_model_dirs, loss, normalization):
     rows = ["filepath,title"] + [f"gone/{i}.png,caption {i}" for i in range(40)]
     (tmp_path / "missing.csv").write_text("\n".join(rows) + "\n")
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], train_data=str(tmp_path / "missing.csv"),
-                         val_data=str(tmp_path / "missing.csv"), loss=loss, max_steps=None, epochs=3, batch_size=8)
-    message = ("no training image of a whole epoch could be read" if loss == "clip"
-               else "none of the 32 samples for the adapter's statistics could be read")
+                         val_data=str(tmp_path / "missing.csv"), loss=loss, max_steps=None, epochs=3, batch_size=8,
+                         normalization=normalization)
+    # the fixed adapter reads samples for its statistics first; otherwise the first epoch finds every image gone
+    message = ("none of the 32 samples for the adapter's statistics could be read" if normalization == "fixed"
+               else "no training image of a whole epoch could be read")
     with pytest.raises(ValueError, match=rf"{message}, e.g. .*gone/\d+.png"):
         train(config)
 

@@ -264,3 +264,36 @@ def test_the_temperature_has_its_own_learning_rate(tiny_model_dirs):
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
     config.temperature_lr = 0.05
     assert [g for g in optimizer_groups(model, config) if g.get("lr")][0]["lr"] == 0.05
+
+
+def test_auto_normalization_is_the_sphere_for_pretrained_models():
+    from halo_embed.recipes.clip_finetune import FinetuneConfig
+
+    resolved = lambda **kw: FinetuneConfig(**kw).adapter_normalization()  # noqa: E731
+    assert resolved(model="halo-tiny-vit") == "fixed"  # random weights: the measured default of scratch training
+    for kwargs in ({"model": "ViT-B-32", "pretrained": "openai"}, {"model": "local-dir:x"}, {"model": "hf-hub:a/b"},
+                   {"model": "lit.json", "pretrained_image": "w.pth"}, {"family": "transformers", "model": "x"}):
+        assert resolved(**kwargs) == "sphere", kwargs
+    assert resolved(model="local-dir:x", normalization="running") == "running"
+
+
+def test_freezing_batch_norm_statistics_keeps_timm_activations(lit_parts):
+    """--lock-image-freeze-bn-stats on a timm tower: the locked BatchNorms keep their statistics and their
+    activation (open_clip's own conversion turns timm's BatchNormAct2d into a plain BatchNorm, changing the
+    network), the unlocked ones still train."""
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+
+    backbone = lit_backbone(lit_parts).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = backbone.encode_image(pixels)
+    backbone.lock_image(2, freeze_bn_stats=True)
+    trunk = backbone.model.visual.trunk
+    assert isinstance(trunk.bn1, FrozenBatchNormAct2d) and isinstance(trunk.bn2, BatchNormAct2d)
+    with torch.no_grad():
+        assert torch.allclose(backbone.encode_image(pixels), before, atol=1e-5)  # the same network
+    backbone.train()
+    locked, unlocked = trunk.blocks[0][0].bn1.running_mean.clone(), trunk.bn2.running_mean.clone()
+    backbone.encode_image(pixels)  # a training-mode forward: only the unlocked BatchNorms learn statistics
+    assert torch.equal(trunk.blocks[0][0].bn1.running_mean, locked)
+    assert not torch.equal(trunk.bn2.running_mean, unlocked)

@@ -258,6 +258,18 @@ class CLIPBackbone(nn.Module, metaclass=abc.ABCMeta):
                 if isinstance(p := getattr(self.model, name, None), nn.Parameter)]
 
 
+def _freeze_locked_batch_norms(module: nn.Module) -> None:
+    """Replace every BatchNorm of ``module`` whose weights are frozen by timm's frozen equivalent (statistics
+    fixed; ``BatchNormAct2d`` keeps its activation)."""
+    from timm.layers import freeze_batch_norm_2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in child.parameters()):
+            setattr(module, name, freeze_batch_norm_2d(child))
+        else:
+            _freeze_locked_batch_norms(child)
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
@@ -446,11 +458,17 @@ class OpenCLIPBackbone(CLIPBackbone):
     def lock_image(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         unlocked_groups, freeze_bn_stats = _check_lock_arguments("unlocked_groups", unlocked_groups,
                                                                  "freeze_bn_stats", freeze_bn_stats)
+        trunk = getattr(self.model.visual, "trunk", None)  # a timm tower
         try:
-            self.model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+            # open_clip's BatchNorm freezing turns timm's BatchNormAct2d (BatchNorm + activation) into a plain
+            # FrozenBatchNorm2d, silently dropping the activation; timm towers are frozen with timm's own
+            self.model.lock_image_tower(unlocked_groups=unlocked_groups,
+                                        freeze_bn_stats=freeze_bn_stats and trunk is None)
         except AssertionError as error:  # e.g. ModifiedResNet: "partial locking not currently supported"
             raise ValueError(f"open_clip cannot lock this image tower ({type(self.model.visual).__name__}) "
                              f"with unlocked_groups={unlocked_groups}: {error}") from None
+        if freeze_bn_stats and trunk is not None:
+            _freeze_locked_batch_norms(trunk)
 
     def lock_text(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         unlocked_layers, freeze_layer_norm = _check_lock_arguments("unlocked_layers", unlocked_layers,

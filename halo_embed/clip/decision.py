@@ -113,13 +113,7 @@ def fit_pair_decision(aligned: Tensor, mismatched: Tensor, temperature: float | 
             kind, non-finite distances, or pairs that do not separate (aligned
             pairs no nearer than mismatched ones: no positive temperature fits).
     """
-    for name, values in (("aligned", aligned), ("mismatched", mismatched)):
-        check_tensor(name, values, ndim=1, floating=True)
-        if values.shape[0] < MIN_CALIBRATION_IMAGES:
-            raise ValueError(f"{name} has {values.shape[0]} pairs; a stable fit needs at least "
-                             f"{MIN_CALIBRATION_IMAGES} aligned and {MIN_CALIBRATION_IMAGES} mismatched pairs")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{name} contains NaN or inf distances")
+    _check_pairs(aligned, mismatched, "distances")
     a = (1.0 - aligned.double().cpu().numpy())
     m = (1.0 - mismatched.double().cpu().numpy())
     z = np.concatenate([a, m])
@@ -141,6 +135,16 @@ def fit_pair_decision(aligned: Tensor, mismatched: Tensor, temperature: float | 
                  "balanced_accuracy": _balanced_accuracy(a, m, threshold),
                  "temperature_fitted": temperature is None}
     return PairDecision(g, bias, "fitted", fitted_on)
+
+
+def _check_pairs(aligned: Tensor, mismatched: Tensor, what: str) -> None:
+    for name, values in (("aligned", aligned), ("mismatched", mismatched)):
+        check_tensor(name, values, ndim=1, floating=True)
+        if values.shape[0] < MIN_CALIBRATION_IMAGES:
+            raise ValueError(f"{name} has {values.shape[0]} pairs; a stable fit needs at least "
+                             f"{MIN_CALIBRATION_IMAGES} aligned and {MIN_CALIBRATION_IMAGES} mismatched pairs")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} contains NaN or inf {what}")
 
 
 def _logistic_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
@@ -179,13 +183,7 @@ def platt_scale(aligned: Tensor, mismatched: Tensor) -> tuple[float, float]:
     Raises:
         ValueError: fewer than :data:`MIN_CALIBRATION_IMAGES` scores of either kind, or non-finite scores.
     """
-    for name, values in (("aligned", aligned), ("mismatched", mismatched)):
-        check_tensor(name, values, ndim=1, floating=True)
-        if values.shape[0] < MIN_CALIBRATION_IMAGES:
-            raise ValueError(f"{name} has {values.shape[0]} scores; Platt scaling needs at least "
-                             f"{MIN_CALIBRATION_IMAGES} of each kind")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{name} contains NaN or inf scores")
+    _check_pairs(aligned, mismatched, "scores")
     a, m = aligned.double().cpu().numpy(), mismatched.double().cpu().numpy()
     y = np.r_[np.ones_like(a), np.zeros_like(m)]
     weights = np.r_[np.full_like(a, 0.5 / len(a)), np.full_like(m, 0.5 / len(m))]

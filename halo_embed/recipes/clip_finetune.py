@@ -105,7 +105,7 @@ def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
             backbone, num_candidates=config.batch_size * world_size, symmetric=config.symmetric,
             distill=config.distill, label_smoothing=config.label_smoothing,
             rejection_weight=config.rejection_weight, norm_weight=config.norm_weight,
-            normalization=config.normalization, momentum=config.normalization_momentum,
+            normalization=config.adapter_normalization(), momentum=config.normalization_momentum,
             init_gamma=initial_temperature(backbone, config),
         )
     model = ContrastiveCLIP(backbone, config.loss, rank, world_size)
@@ -121,7 +121,8 @@ def initial_temperature(backbone, config: FinetuneConfig) -> float | None:
     choice = config.init_temperature
     scale = getattr(backbone.model, "logit_scale", None)
     if choice == "auto":
-        choice = "model" if config.normalization == "sphere" and isinstance(scale, torch.Tensor) else "reference"
+        choice = "model" if config.adapter_normalization() == "sphere" and isinstance(scale, torch.Tensor) \
+            else "reference"
     if choice == "reference":
         return None
     if choice == "model":
@@ -211,7 +212,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     if config.wise_ft and resume_dir is not None and not (run_dir / "checkpoint-initial").is_dir():
         raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no checkpoint-initial/ "
                          "(the run was started without --wise-ft); resume without it")
-    if config.loss == "halo" and resume_dir is None and config.normalization != "sphere":
+    if config.loss == "halo" and resume_dir is None and config.adapter_normalization() != "sphere":
         batches = adapter_batches(config, train_source, model.backbone)
         stats = model.fit_adapter(batches)
         accelerator.print(f"adapter statistics measured on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
@@ -259,6 +260,9 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
 
             metrics["wise_ft"] = sweep(run_dir, config.wise_ft, accelerator.device, config=config)
         write_run_report(run_dir, config, metrics)
+        if config.loss == "halo" and calibration_data is None:
+            print("note: the accept / reject decision is HALO's constant abstain bias; --calibration-split 0.1 "
+                  "fits it on held-out training images (README: Score image-text pairs)", file=sys.stderr)
     if unwrapped.backbone.feature_cache is not None:
         unwrapped.backbone.feature_cache.flush()
     accelerator.end_training()

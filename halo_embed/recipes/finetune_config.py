@@ -149,11 +149,13 @@ class FinetuneConfig:
     rejection_weight: float = option(0.0, "HALO: weight of the absent-positive term (the sink must beat every "
                                           "wrong candidate)")
     norm_weight: float = option(0.0, "HALO: weight of the radial term on |x|^2/D")
-    normalization: str = option("fixed", "HALO: centre and scale each modality with statistics measured once "
-                                         "(fixed) or with every training batch's, tracked for scoring (running); "
-                                         "or put every feature on the sphere of radius sqrt(D) (sphere: HALO ranks "
-                                         "as the pretrained model's cosine does)",
-                                choices=("fixed", "running", "sphere"))
+    normalization: str = option("auto", "HALO: put every feature on the sphere of radius sqrt(D) (sphere: HALO "
+                                        "ranks as the pretrained model's cosine does), or centre and scale each "
+                                        "modality with statistics measured once (fixed) or with every training "
+                                        "batch's, tracked for scoring (running); auto: sphere for a pretrained "
+                                        "model (--pretrained, --pretrained-image, local-dir:, hf-hub:, "
+                                        "transformers), fixed for random weights (measured: README)",
+                                choices=("auto", "sphere", "fixed", "running"))
     init_temperature: str = option("auto", "HALO: starting temperature: a number, 'reference' (HALO's "
                                            "20 / (1 + 2/D)), 'model' (half the model's CLIP logit scale: HALO's "
                                            "softmax over captions is then CLIP's), or 'auto' (model for "
@@ -196,6 +198,15 @@ class FinetuneConfig:
 
     def run_dir(self) -> Path:
         return Path(self.logs) / (self.name or f"finetune-{self.loss}")
+
+    def adapter_normalization(self) -> str:
+        """``--normalization`` with ``auto`` resolved: ``sphere`` when the model's weights come from somewhere
+        (the geometry the model was pretrained in: measured better there), ``fixed`` for random weights."""
+        if self.normalization != "auto":
+            return self.normalization
+        pretrained = bool(self.pretrained or self.pretrained_image) or self.family == "transformers" \
+            or self.model.startswith(("local-dir:", "hf-hub:"))
+        return "sphere" if pretrained else "fixed"
 
     def feature_cache_dir(self) -> Path | None:
         """Where locked towers' features are kept (``None``: ``--feature-cache off``)."""
