@@ -72,9 +72,11 @@ class FinetuneConfig:
                                          "crops), 'none' = its evaluation transform (deterministic, so a locked "
                                          "image tower's features are computed once; see --feature-cache)",
                                 choices=("model", "none"))
-    feature_cache: str | None = option("run", "outputs of locked towers (--lock-image / --lock-text with nothing "
-                                              "unlocked before the projection), computed once and kept: 'run' = in "
-                                              "the run folder, a folder (may be shared by runs), or 'off'")
+    feature_cache: str | None = option("auto", "outputs of locked towers (--lock-image / --lock-text with nothing "
+                                               "unlocked before the projection), computed once and kept: 'run' = in "
+                                               "the run folder, a folder (may be shared by runs), 'off', or 'auto' "
+                                               "('run' without a GPU, 'off' with one: the cache hashes each input "
+                                               "on the CPU, which a GPU does not need)")
     # data
     train_data: str = option("shapes", "'shapes' (built-in), a CSV/TSV, an image folder, or an HF dataset")
     val_data: str | None = option(None, "the same kinds (default for shapes: its val split; for an HF dataset: "
@@ -210,9 +212,12 @@ class FinetuneConfig:
 
     def feature_cache_dir(self) -> Path | None:
         """Where locked towers' features are kept (``None``: ``--feature-cache off``)."""
-        if self.feature_cache in (None, "off"):
+        choice = self.feature_cache
+        if choice == "auto":
+            choice = "off" if torch.cuda.is_available() else "run"
+        if choice in (None, "off"):
             return None
-        return self.run_dir() / "feature_cache" if self.feature_cache == "run" else Path(self.feature_cache)
+        return self.run_dir() / "feature_cache" if choice == "run" else Path(choice)
 
     def preprocess_overrides(self) -> dict[str, object]:
         """The ``--image-*`` options as open_clip's ``create_model_and_transforms`` arguments (given ones only)."""
@@ -300,7 +305,7 @@ def validate(config: FinetuneConfig) -> None:
                              "weights and image processor from its hub id or folder")
     if config.pretrained_image is not None and not Path(config.pretrained_image).is_file():
         raise ValueError(f"--pretrained-image {config.pretrained_image} is not a file")
-    if config.feature_cache not in (None, "run", "off") and Path(config.feature_cache).is_file():
+    if config.feature_cache not in (None, "auto", "run", "off") and Path(config.feature_cache).is_file():
         raise ValueError(f"--feature-cache {config.feature_cache} is a file; give a folder, 'run' or 'off'")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
