@@ -36,6 +36,7 @@ __all__ = [
     "abstain_mask",
     "abstention_possible",
     "effective_gamma",
+    "finite_shifted_and_true_logits",
     "initial_gamma",
     "inverse_softplus",
     "mean_square",
@@ -160,6 +161,43 @@ def shifted_logits(embeddings: Tensor, centroids: Tensor, temperature: Tensor) -
     centroid_sq = mean_square(centroids)
     dot = (embeddings @ centroids.T) / embed_dim
     return temperature * (2.0 * dot - centroid_sq.T)
+
+
+#: the largest power of two whose square, times a few thousand dimensions, stays finite in float64
+_SAFE_MAGNITUDE = 2.0 ** 500
+
+
+def finite_shifted_and_true_logits(embeddings: Tensor, centroids: Tensor,
+                                   temperature: Tensor | float) -> tuple[Tensor, Tensor]:
+    """:func:`shifted_logits` and :func:`true_logits` in float64 that stay finite (never NaN) for every
+    finite input, for inference on inputs of any magnitude (e.g. float64 embeddings near ``1e300``).
+
+    The inputs are divided by a power of two that keeps every square finite, the logits computed there and
+    multiplied back; a logit beyond float64's range is clamped to its largest finite value (the softmax of
+    such a row is one-hot, as the exact one would be). Ordinary inputs take no scaling, and the result equals
+    the float64 :func:`shifted_logits` / :func:`true_logits`.
+
+    Args:
+        embeddings: ``(N, D)`` finite.
+        centroids: ``(K, D)`` finite.
+        temperature: the effective temperature.
+
+    Returns:
+        ``(shifted, true)``, both ``(N, K)`` float64.
+    """
+    x, c = embeddings.double(), centroids.double()
+    largest = max(float(x.abs().max()) if x.numel() else 0.0, float(c.abs().max()) if c.numel() else 0.0)
+    scale = 1.0
+    if largest > _SAFE_MAGNITUDE:
+        scale = 2.0 ** math.ceil(math.log2(largest / _SAFE_MAGNITUDE))
+        x, c = x / scale, c / scale
+    g = temperature.double() if isinstance(temperature, Tensor) else float(temperature)
+    shifted = shifted_logits(x, c, g)
+    true = torch.clamp(shifted - g * mean_square(x), max=0.0)
+    limit = torch.finfo(torch.float64).max
+    if scale != 1.0:  # back to the inputs' units; beyond float64's range a logit saturates, it is never NaN
+        shifted, true = shifted * scale * scale, true * scale * scale
+    return shifted.clamp(-limit, limit), true.clamp(-limit, 0.0)
 
 
 def shifted_logits_addmm(embeddings: Tensor, centroids: Tensor, temperature: float, centroid_sq: Tensor) -> Tensor:

@@ -114,6 +114,7 @@ class HALOHead(nn.Module):
     ) -> None:
         super().__init__()
         check_tensor("centroids", centroids, ndim=2, floating=True, min_rows=1)
+        raise_if_any([(~torch.isfinite(centroids).all(), "centroids contains NaN or inf values")])
         value = check_temperature("temperature", temperature)
         bias = check_float("abstain_bias", abstain_bias)
         k = centroids.shape[0]
@@ -166,16 +167,21 @@ class HALOHead(nn.Module):
                 f"embeddings has D={embeddings.shape[1]} dimensions, the head expects {self.embed_dim}"
             )
         raise_if_any([(~torch.isfinite(embeddings).all(), "embeddings contains NaN or inf values")])
-        return embeddings.to(device=self.centroids.device, dtype=torch.float32)
+        return embeddings.to(device=self.centroids.device)
 
     def _shifted(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """``(shifted, true)`` logits in float64, finite for every finite input (float32 products of large
+        embeddings would overflow into inf - inf = NaN)."""
         embeddings = self._check_embeddings(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return embeddings, geometry.shifted_logits(embeddings, self.centroids, self.temperature)
+            return geometry.finite_shifted_and_true_logits(embeddings, self.centroids, self.temperature)
 
     def logits(self, embeddings: Tensor) -> Tensor:
-        """``(N, D) -> (N, K+1)`` shifted logits, the last column is the abstain bias."""
-        return geometry.with_abstain(self._shifted(embeddings)[1], self.abstain_bias)
+        """``(N, D) -> (N, K+1)`` shifted logits (float32, saturating at its range), the last column is the
+        abstain bias."""
+        shifted = self._shifted(embeddings)[0]
+        limit = torch.finfo(torch.float32).max
+        return geometry.with_abstain(shifted.clamp(-limit, limit).float(), self.abstain_bias)
 
     @torch.no_grad()
     def forward(self, embeddings: Tensor) -> HALOPrediction:
@@ -191,11 +197,13 @@ class HALOHead(nn.Module):
             TypeError / ValueError: not a 2-D float tensor, wrong ``D``, empty,
             non-finite values.
         """
-        embeddings, shifted = self._shifted(embeddings)
-        logits = geometry.with_abstain(shifted, self.abstain_bias)
-        true = geometry.true_logits(shifted, embeddings, self.temperature)
-        probs = torch.softmax(logits, dim=-1)
-        abstained = geometry.abstain_mask(shifted, self.abstain_bias)
+        shifted, true = self._shifted(embeddings)
+        logits = geometry.with_abstain(shifted, self.abstain_bias.double())
+        probs = torch.softmax(logits, dim=-1)  # float64: a saturated row is one-hot, never NaN
+        abstained = geometry.abstain_mask(shifted, self.abstain_bias.double())
         labels = torch.where(abstained, ABSTAIN, self.class_labels[shifted.argmax(dim=-1)])
-        scores = halo_ood_scores(probs, true, self.temperature)
-        return HALOPrediction(probs=probs, labels=labels, abstained=abstained, scores=scores, logits=logits)
+        scores = halo_ood_scores(probs, true, self.temperature.double())
+        limit = torch.finfo(torch.float32).max  # float32 outputs, as before; beyond its range they saturate
+        scores = {name: value.clamp(-limit, limit).float() for name, value in scores.items()}
+        return HALOPrediction(probs=probs.float(), labels=labels, abstained=abstained, scores=scores,
+                              logits=logits.clamp(-limit, limit).float())

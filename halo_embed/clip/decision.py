@@ -71,12 +71,18 @@ class PairDecision:
             raise ValueError(f"rule must be 'constant' or 'fitted', got {self.rule!r}")
 
     def judge(self, mean_sq_distances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logit, p(aligned), accept)`` of pairs at mean-square distances ``|x - t|^2 / D`` (any shape)."""
-        return geometry.pair_decision(mean_sq_distances, self.temperature, self.bias)
+        """``(logit, p(aligned), accept)`` of pairs at mean-square distances ``|x - t|^2 / D`` (any shape);
+        a logit beyond its dtype's range saturates (an infinite distance is a certain reject, never NaN)."""
+        limit = torch.finfo(mean_sq_distances.dtype).max
+        logit, probability, accept = geometry.pair_decision(mean_sq_distances, self.temperature, self.bias)
+        return logit.clamp(-limit, limit), probability, accept
 
     def judge_pairs(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`judge` of row-aligned ``(N, D)`` image and text embeddings (adapted)."""
-        return self.judge(geometry.pair_mean_square(images, texts))
+        """:meth:`judge` of row-aligned ``(N, D)`` image and text embeddings (adapted); the distances in
+        float64, so that embeddings of any finite float32 magnitude give finite logits."""
+        logit, probability, accept = self.judge(geometry.pair_mean_square(images.double(), texts.double()))
+        limit = torch.finfo(images.dtype).max
+        return logit.clamp(-limit, limit).to(images.dtype), probability.to(images.dtype), accept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,6 +77,9 @@ class RejectionIndex:
         self.abstain_bias = check_float("abstain_bias", abstain_bias)
         self.query_norm = check_choice("query_norm", query_norm, ("actual", "unit"))
         self.index = VectorIndex(candidates, "l2", backend, kind, **options)
+        # the found candidates' logits are recomputed from these in float64: the index's float32 squared
+        # distances overflow to inf for large queries (|x| ~ 1e20), and inf would make the softmax NaN
+        self._candidates = candidates.detach().float().cpu()
 
     def __len__(self) -> int:
         return self.index.size
@@ -90,11 +93,16 @@ class RejectionIndex:
             k: candidates per query (capped at the number of candidates).
         """
         found = self.index.search(queries, k)
-        queries = queries.detach().float().cpu()
+        queries = queries.detach().double().cpu()
+        candidates = self._candidates[found.indices.clamp_min(0)].double()  # (N, k, D)
+        sq_distances = (queries[:, None, :] - candidates).pow(2).sum(-1)  # finite for finite float32 inputs
         if self.query_norm == "actual":
-            logits = geometry.shifted_logits_from_sq_distances(queries, found.scores, self.temperature)
+            logits = geometry.shifted_logits_from_sq_distances(queries, sq_distances, self.temperature)
         else:
-            logits = geometry.unit_shell_logits(found.scores / queries.shape[1], self.temperature)
+            logits = geometry.unit_shell_logits(sq_distances / queries.shape[1], self.temperature)
+        limit = torch.finfo(torch.float32).max
+        logits = logits.masked_fill(found.indices < 0, -limit).clamp(-limit, limit)  # -1: an approximate index
+        # found fewer than k candidates
         probs = torch.softmax(geometry.with_abstain(logits, self.abstain_bias), dim=-1)
         abstained = geometry.abstain_mask(logits, self.abstain_bias)
-        return RejectionResult(found.indices, logits, probs, abstained)
+        return RejectionResult(found.indices, logits.float(), probs.float(), abstained)
