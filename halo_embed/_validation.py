@@ -182,3 +182,4 @@ def raise_if_not_finite(result: Tensor, inputs: Sequence[tuple[str, Tensor]]) ->
     largest = ", ".join(f"{name} {value.detach().abs().max().item():.3g}" for name, value in inputs)
     raise ValueError(f"the loss is not finite although its inputs are (largest magnitudes: {largest}); "
                      "rescale the features")
+

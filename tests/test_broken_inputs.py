@@ -73,6 +73,13 @@ def inputs(tmp_path_factory, tiny_model_dirs):
     (csvs / "unterminated.csv").write_text('image,caption\n../images/ok.png,"a shape\n')
     (csvs / "binary.csv").write_bytes(bytes(range(256)) * 10)
     (csvs / "all-missing.csv").write_text("filepath,title\n" + "".join(f"gone/{i}.png,shape {i}\n" for i in range(40)))
+    (csvs / "duplicate-column.csv").write_text("image,caption,caption\n../images/ok.png,a,b\n")
+    (csvs / "formula.csv").write_text("image,caption\n../images/ok.png,=HYPERLINK(\"x\")\n")
+    (images / "a-folder.png").mkdir()
+    (images / "loop.png").symlink_to(images / "loop.png")
+    damaged = save_checkpoint(model, root / "negative-width-ckpt")
+    config = (damaged / "open_clip_config.json").read_text().replace('"width": 32', '"width": -32', 1)
+    (damaged / "open_clip_config.json").write_text(config)
     return {"root": root, "good": good, "images": images, "csvs": csvs}
 
 
@@ -104,6 +111,13 @@ SCORE_CASES = {
     "both forms": (["{good}", "--pairs", "{csvs}/bad-rows.csv", "--image", "{images}/ok.png"], {2}),
     "output folder missing": (["{good}", "--pairs", "{csvs}/bad-rows.csv", "--output", "{root}/no/out.csv"], {2}),
     "output is a folder": (["{good}", "--pairs", "{csvs}/bad-rows.csv", "--output", "{csvs}"], {2}),
+    "a column twice in the header": (["{good}", "--pairs", "{csvs}/duplicate-column.csv"], {2}),
+    "one column for image and text": (["{good}", "--pairs", "{csvs}/bad-rows.csv", "--image-column", "image",
+                                       "--text-column", "image"], {2}),
+    "a folder as image": (["{good}", "--image", "{images}/a-folder.png", "--text", "a"], {2}),
+    "a symlink loop as image": (["{good}", "--image", "{images}/loop.png", "--text", "a"], {2}),
+    "config describing a negative width": (["{root}/negative-width-ckpt", "--image", "{images}/ok.png", "--text",
+                                            "a"], {2}),
 }
 
 
@@ -142,6 +156,15 @@ FINETUNE_CASES = {
     "zero steps": (["--max-steps", "0"], {2}),
     "negative steps": (["--max-steps", "-1"], {2}),
     "bad momentum": (["--normalization", "running", "--normalization-momentum", "2"], {2}),
+    "infinite lr": (["--lr", "inf"], {2}),
+    "NaN weight decay": (["--wd", "nan"], {2}),
+    "negative warm-up": (["--warmup", "-5"], {2}),
+    "beta2 of 1": (["--beta2", "1"], {2}),
+    # (the arguments go through str.format: doubled braces are the template's own)
+    "template with a named field": (["--zeroshot-data", "{images}", "--zeroshot-templates", "{{name}} is {{}}"],
+                                    {2}),
+    "template with a stray brace": (["--zeroshot-data", "{images}", "--zeroshot-templates", "a {{}} photo {{"],
+                                    {2}),
 }
 
 
@@ -186,3 +209,20 @@ def test_cifar_with_broken_inputs(inputs, capsys, tmp_path, case):
     assert "Traceback" not in err and "internal error" not in err, err
     assert snapshot(inputs["root"]) == before
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint.pt"))
+
+
+def test_score_csv_output_never_holds_a_formula(inputs, capsys, tmp_path):
+    """A caption a spreadsheet would run (=, +, -, @) is written with a leading quote in CSV output."""
+    import csv
+
+    out = tmp_path / "scores.csv"
+    code, err = run(capsys, ["score", "--checkpoint", inputs["good"], "--pairs", inputs["csvs"] / "formula.csv",
+                             "--output", out, "--workers", "0"])
+    assert code == 0, err
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["text"] == "'=HYPERLINK(\"x\")" and float(row["logit"]) == float(row["logit"])
+
+
+def test_wise_ft_names_a_bad_device(capsys, tmp_path):
+    code, err = run(capsys, ["wise-ft", tmp_path, "--device", "gpu"])
+    assert code == 2 and "--device must be a device such as cpu, cuda or cuda:1, got 'gpu'" in err

@@ -154,7 +154,12 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    backbone = rebuild_backbone(config["backbone"], directory)
+    try:
+        backbone = rebuild_backbone(config["backbone"], directory)
+    except (RuntimeError, TypeError, KeyError, OverflowError, MemoryError, AssertionError) as error:
+        # e.g. a negative width or a vocabulary too large to allocate: the config, not halo-embed, is wrong
+        raise ValueError(f"{directory / CONFIG_NAME} is damaged: the model it describes cannot be built "
+                         f"({type(error).__name__}: {error})") from None
     if config["format"] == CONTRASTIVE_FORMAT:
         loss = config["loss"].get("name") if isinstance(config["loss"], dict) else None
         if loss not in ("clip", "siglip"):

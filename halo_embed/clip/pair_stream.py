@@ -232,6 +232,18 @@ def write_scores(journal: ScoreJournal, output: Path, abstain_bias: float) -> Sc
             writer = csv.DictWriter(handle, fieldnames=list(RECORD_FIELDS))
             writer.writeheader()
             for record in journal.records():
-                writer.writerow(record)
+                writer.writerow({key: _spreadsheet_safe(value) for key, value in record.items()})
                 summary.add(record)
     return summary
+
+
+#: a cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection list)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with ``'`` (shown, not evaluated);
+    numbers and other values unchanged. The JSON output keeps the text as it is."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value

@@ -83,6 +83,12 @@ def read_templates(values: Sequence[str]) -> list[str]:
         values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not values or not all(isinstance(t, str) and "{}" in t for t in values):
         raise ValueError(f"every template must contain '{{}}' for the class name, got {values!r}")
+    for template in values:
+        try:
+            template.format("class name")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"template {template!r} is not a format string with one '{{}}' for the class name "
+                             f"({type(error).__name__}: {error}); write a literal brace as '{{{{' or '}}}}'") from None
     return values
 
 

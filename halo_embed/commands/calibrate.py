@@ -79,6 +79,10 @@ def _check(args: argparse.Namespace):
             raise ValueError(f"{args.checkpoint} is not a dual-encoder checkpoint")
     if Path(args.output).exists():
         raise ValueError(f"--output {args.output} exists; calibrate into a new folder (nothing is overwritten)")
+    if args.device is not None:
+        from .._validation import check_device
+
+        check_device("--device", args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:

@@ -43,6 +43,22 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is not an image file one can read: missing, a folder, a symlink loop, or another kind."""
+    import errno
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"image path is a symlink loop: {path}"
+        return f"image file not found: {path}"
+    if stat.S_ISDIR(mode):
+        return f"image path is a folder, not a file: {path}"
+    return f"image path is not a regular file (a pipe, socket or device): {path}"
+
+
 def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """A PIL image in 8-bit RGB from a path or a PIL image.
 
@@ -62,7 +78,7 @@ def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         raise TypeError(f"an image must be a file path or a PIL image, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
-        raise ImageLoadError(f"image file not found: {path}")
+        raise ImageLoadError(_not_a_file(path))
     # PIL refuses twice its own MAX_IMAGE_PIXELS before we can look; a larger max_pixels moves that guard
     pil_limit = Image.MAX_IMAGE_PIXELS
     raised = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)

@@ -68,6 +68,10 @@ def read_csv(path: str | os.PathLike, columns: Sequence[tuple[str | Sequence[str
             if header is None or not any(h.strip() for h in header):
                 raise ValueError(f"{path} is empty: it needs a header row naming the columns")
             header = [h.strip() for h in header]
+            repeated = sorted({h for h in header if h and header.count(h) > 1})
+            if repeated:
+                raise ValueError(f"{path} has the column {repeated[0]!r} more than once: which one is meant is "
+                                 "unclear (rename it)")
             found = []
             for names, option in columns:
                 names = (names,) if isinstance(names, str) else tuple(names)
@@ -75,6 +79,9 @@ def read_csv(path: str | os.PathLike, columns: Sequence[tuple[str | Sequence[str
                 if not present:
                     wanted = repr(names[0]) if len(names) == 1 else " or ".join(map(repr, names))
                     raise ValueError(f"{path} has no column {wanted} (columns: {header}); set {option}")
+                if present[0] in found:
+                    raise ValueError(f"{path}: column {present[0]!r} cannot serve twice ({option} and another "
+                                     "role); name different columns")
                 found.append(present[0])
             line = reader.line_num + 1
             for values in reader:

@@ -313,8 +313,17 @@ def validate(config: FinetuneConfig) -> None:
         raise ValueError("--batch-size must be >= 2 for HALO (each image needs other captions to compete with)")
     if config.grad_clip_norm is not None and not config.grad_clip_norm >= 0:
         raise ValueError(f"--grad-clip-norm must be >= 0 or none, got {config.grad_clip_norm}")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {config.lr}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {config.lr}")
+    if not (math.isfinite(config.wd) and config.wd >= 0):
+        raise ValueError(f"--wd must be a finite number >= 0, got {config.wd}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+    if not (math.isfinite(config.eps) and config.eps > 0):
+        raise ValueError(f"--eps must be a finite number > 0, got {config.eps}")
+    if config.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0 (steps of linear warm-up), got {config.warmup}")
     if not 0 <= config.calibration_split < 1:
         raise ValueError(f"--calibration-split must be in [0, 1) (a share of the training images), got "
                          f"{config.calibration_split}")

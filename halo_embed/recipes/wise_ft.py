@@ -159,6 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .._validation import check_device
+
+    device = check_device("--device", args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     sweep(args.run, args.alphas, device, args.output)
     return 0
