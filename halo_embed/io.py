@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "new_file_mode", "to_jsonable", "unused_path"]
+__all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "new_file_mode",
+           "to_jsonable", "unused_path"]
 
 
 @contextlib.contextmanager
@@ -90,3 +91,45 @@ def unused_path(path: str | os.PathLike) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
+
+
+class ClaimedError(ValueError):
+    """Another live process holds the claim (a usage error: exit 2)."""
+
+
+@contextlib.contextmanager
+def claim(lock_path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``lock_path`` as the one owner of ``what`` (a run folder, an output) while the block runs.
+
+    The claim is an exclusive ``flock`` on the file, which the kernel releases when the holder exits or dies,
+    so a killed run leaves no stale claim on this machine; the file holds the holder's process id, host and
+    start time for the message a second process gets. On a network file system that does not honour
+    ``flock`` across hosts two hosts are not kept apart.
+
+    Raises:
+        ClaimedError: another process holds it (its pid, host and start time named).
+    """
+    import fcntl
+    import socket
+    import time
+
+    lock_path = Path(lock_path)
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ClaimedError(f"{what} is in use by {holder} (lock {lock_path}); wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield lock_path
+        finally:
+            lock_path.unlink(missing_ok=True)  # before the release: a waiting process finds no half-stale file
+    finally:
+        handle.close()

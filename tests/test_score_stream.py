@@ -68,8 +68,11 @@ def test_a_killed_run_resumes_to_the_same_output(scoring_inputs, tmp_path, run_c
     other = run_cli(*score_args(scoring_inputs, part, "--resume", "--strict-text"))
     assert other.returncode == 2 and "strict_text" in other.stderr and "differ" in other.stderr
 
-    resumed = run_cli(*score_args(scoring_inputs, part, "--resume"))
+    # another --batch-size on resume: the rest is scored in the interrupted run's batches (a row's last float
+    # bits depend on its batch), so the output is still the uninterrupted run's, byte for byte
+    resumed = run_cli(*score_args(scoring_inputs, part, "--resume", "--batch-size", "16"))
     assert resumed.returncode == 1, resumed.stderr
+    assert "resuming with the interrupted run's --batch-size 4 (not 16)" in resumed.stderr
     kept = lines - lines % 4
     assert f"resuming {journal}: {kept} of 600 rows were scored before" in resumed.stderr
     assert "scored 599 of 600 pairs" in resumed.stderr
@@ -135,3 +138,25 @@ def test_tokenize_checked_is_tokenize_and_truncated(tiny_model_dirs, family):
             ((tokens[k], expected[k]) for k in expected):
         assert torch.equal(got, want)
     assert flags.tolist() == backbone.truncated(texts).tolist() == [False, True]
+
+
+def test_one_process_per_output(scoring_inputs, tmp_path, run_cli):  # noqa: F811
+    """A second `score` on an output that a live process writes stops before it reads or writes anything; a
+    holder that dies (SIGKILL) leaves no claim behind."""
+    from halo_embed.io import claim
+
+    output, lock = tmp_path / "scores.csv", tmp_path / "scores.csv.lock"
+    with claim(lock, "the test's run"):
+        busy = run_cli(*score_args(scoring_inputs, output, "--resume"))
+    assert busy.returncode == 2 and "is in use by pid" in busy.stderr, busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == []
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom halo_embed.io import claim\n"
+         "with claim(sys.argv[1], 'x'):\n    print('held', flush=True)\n    time.sleep(120)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with claim(lock, "the test's run"):  # the kernel released the dead holder's lock
+        pass
+    assert not lock.exists()

@@ -169,7 +169,8 @@ class ScoreJournal:
         self._handle.flush()
 
     def resume(self) -> int:
-        """Reopen an interrupted run's journal; returns the rows kept (whole batches of that run).
+        """Reopen an interrupted run's journal; returns the rows kept (whole batches of that run) and takes
+        that run's batch size (:attr:`batch_size`).
 
         Raises:
             ValueError: the journal is not one, or was written for other inputs or settings (named).
@@ -188,6 +189,7 @@ class ScoreJournal:
         if differ:
             raise ValueError(f"{self.path} was written for other inputs or settings ({', '.join(differ)} "
                              "differ): run with the interrupted run's, or delete it to start again")
+        self.batch_size = old_batch  # the rest is scored in the interrupted run's batches
         complete = lines[1:-1]  # the text after the last newline is a row cut off by the interruption
         done = len(complete) - len(complete) % old_batch  # a batch cut off part-way is scored again
         keep = len(lines[0]) + 1 + sum(len(line) + 1 for line in complete[:done])

@@ -106,15 +106,11 @@ def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, colu
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ..clip.pair_stream import PairRows, ScoreJournal, ScoreSummary, pair_batches, score_batch, write_scores
-    from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_csv
+    from ..io import claim
 
     pairs_path = Path(args.pairs)
     if not pairs_path.is_file():
         raise FileNotFoundError(f"pairs file {'is a folder' if pairs_path.is_dir() else 'not found'}: {pairs_path}")
-    output = journal_path = None
     if args.output:
         output = Path(args.output)
         if output.suffix.lower() not in (".csv", ".json"):
@@ -124,6 +120,24 @@ def _batch(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {args.output} cannot be written: "
                              + ("it is a folder" if output.is_dir() else f"the folder {folder} "
                                 + ("is not writable" if folder.is_dir() else "does not exist")))
+        # one process per output: a second one (a --resume of a run still going, the same command twice)
+        # stops here, before it reads or writes anything
+        with claim(output.with_name(output.name + ".lock"), f"--output {args.output}"):
+            return _batch_owned(args, pairs_path, output)
+    if args.resume:
+        raise ValueError("--resume needs --output (the scores of the interrupted run are kept next to it)")
+    return _batch_owned(args, pairs_path, None)
+
+
+def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None) -> int:
+    """:func:`_batch` once this process owns ``output`` (or prints JSON lines)."""
+    from tqdm.auto import tqdm
+
+    from ..clip.pair_stream import PairRows, ScoreJournal, ScoreSummary, pair_batches, score_batch, write_scores
+    from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_csv
+
+    journal_path = None
+    if output is not None:
         if output.exists():
             raise ValueError(f"--output {args.output} already exists: a finished run is never overwritten; "
                              "choose another name")
@@ -131,8 +145,6 @@ def _batch(args: argparse.Namespace) -> int:
         if journal_path.exists() and not args.resume:
             raise ValueError(f"an interrupted run left {journal_path}: add --resume to go on from where it "
                              "stopped, or delete it to start again")
-    elif args.resume:
-        raise ValueError("--resume needs --output (the scores of the interrupted run are kept next to it)")
     # the same columns as `halo-embed finetune` reads, so a training CSV scores as it is
     rows, columns = read_csv(pairs_path, [(args.image_column or IMAGE_COLUMNS, "--image-column"),
                                           (args.text_column or CAPTION_COLUMNS, "--text-column")])
@@ -143,6 +155,12 @@ def _batch(args: argparse.Namespace) -> int:
     if journal_path is not None:
         journal = ScoreJournal(journal_path, _journal_header(args, pairs_path, root, columns), args.batch_size)
         done = journal.resume() if journal_path.exists() else None  # checked before the model is loaded
+        if done is not None and journal.batch_size != args.batch_size:
+            # a row's score depends (in the last float bits) on the batch it is computed in: the rest is scored
+            # in the interrupted run's batches, so the output is the uninterrupted run's, byte for byte
+            print(f"resuming with the interrupted run's --batch-size {journal.batch_size} (not "
+                  f"{args.batch_size}): the output is then identical to an uninterrupted run's", file=sys.stderr)
+            args.batch_size = journal.batch_size
     scorer = _scorer(args)
     if journal is not None and done is None:
         journal.start()
