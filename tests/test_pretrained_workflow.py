@@ -363,3 +363,12 @@ def test_small_data_preset_fills_what_was_not_given(tmp_path):
     assert (config.lr, config.epochs) == (2e-5, 9)  # given explicitly: kept
     (config,) = configs_from_args(parser.parse_args(["--logs", str(tmp_path)]))
     assert config.lr == 5e-4 and config.preset is None
+
+
+def test_distinct_alphas_never_share_a_folder():
+    from halo_embed.recipes.wise_ft import alpha_folder
+
+    assert alpha_folder(0.5) == "alpha-0.50" and alpha_folder(0.0) == "alpha-0.00" and alpha_folder(1.0) == "alpha-1.00"
+    alphas = [0.001, 0.004, 0.0, 0.25, 0.1234561, 0.1234562, 1e-9, 0.33333333333333331, 1 / 3 + 1e-16]
+    names = [alpha_folder(a) for a in sorted(set(alphas))]
+    assert len(names) == len(set(names)), names

@@ -26,9 +26,15 @@ import torch
 
 from .finetune_config import FinetuneConfig
 
-__all__ = ["mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
+__all__ = ["alpha_folder", "mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
 
 INITIAL, FINETUNED = "checkpoint-initial", "checkpoint"
+
+
+def alpha_folder(alpha: float) -> str:
+    """The checkpoint folder of one alpha: ``alpha-0.50`` for alphas with two decimals, else the float's own
+    shortest exact spelling (``alpha-0.001``), so that two distinct alphas never share a folder."""
+    return f"alpha-{alpha:.2f}" if round(alpha, 2) == alpha else f"alpha-{alpha!r}"
 
 
 def mean_recall(retrieval: dict[str, float]) -> float:
@@ -92,7 +98,7 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
             "builtin_threshold_accuracy": result["rejection"]["all mismatched"].get("builtin_threshold_accuracy"),
             "rejection": {k: v for k, v in result["rejection"]["all mismatched"].items() if isinstance(v, float)},
             "zeroshot": evaluate_zeroshot_for(model, config, device, zeroshot_data),
-            "checkpoint": f"alpha-{alpha:.2f}",
+            "checkpoint": alpha_folder(alpha),
         }
         save_checkpoint(model, output / point["checkpoint"], extra={"wise_ft_alpha": alpha, "run": str(run_dir)})
         points.append(point)
