@@ -116,12 +116,64 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
         cifar.train(replace(config, name="split"), data)
     monkeypatch.setattr(cifar, "save_state_file", save)
     cifar.train(replace(config, name="split", resume="latest"), data)
-    a = torch.load(tmp_path / "straight" / "halo" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "halo" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "halo" / "checkpoint.pt", weights_only=True)  # plain values only
+    b = torch.load(tmp_path / "split" / "halo" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["criterion"]["gamma"], b["criterion"]["gamma"])
+    log = [json.loads(line) for line in (tmp_path / "split" / "halo" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 1, 2] and log[1] == {"epoch": 1, "resumed": True, "changed": []}
+    saved = json.loads((tmp_path / "split" / "halo" / "config.json").read_text())
+    assert saved["resume"] is None  # the run's config, not rewritten by the resume
+
+
+def test_a_run_is_a_contract(tiny_cifar, tmp_path, capsys):
+    """A resume continues the run that was started (options that define it must match; the log says what a
+    resume changed), a torn last log line is dropped, a crafted checkpoint is refused without running, and a
+    second process on a run folder stops before it writes anything."""
+    import pickle
+    from dataclasses import replace
+
+    from halo_embed.cli import main
+    from halo_embed.io import claim
+
+    argv = ["--loss", "halo", *common(tiny_cifar, tmp_path), "--epochs", "1"]
+    assert main(["cifar", *argv, "--name", "run"]) == 0
+    run = tmp_path / "run" / "halo"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code = main(["cifar", *argv, "--name", "run", "--resume", "latest", "--batch-size", "8", "--lr", "0.3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--batch-size 8 (the run: 32)" in err[0] and "--lr 0.3" in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing changed
+    with open(run / "log.jsonl", "a") as handle:  # what a kill during a log write leaves
+        handle.write('{"epoch": 2, "lo')
+    assert main(["cifar", *argv[:-2], "--epochs", "2", "--name", "run", "--resume", "latest"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == 2 and {"epoch": 1, "resumed": True, "changed": ["--epochs 2 (the run: 1)"]} in log
+
+    class Payload:  # a checkpoint that would run code when unpickled
+        def __reduce__(self):
+            return (exec, ("open(__import__('os').environ['HALO_TEST_MARK'], 'w').write('ran')",))
+
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps({"model": Payload()}))
+    mark = tmp_path / "mark"
+    import os
+
+    os.environ["HALO_TEST_MARK"] = str(mark)
+    try:
+        assert main(["cifar", *argv, "--name", "other", "--resume", str(crafted)]) == 2
+    finally:
+        del os.environ["HALO_TEST_MARK"]
+    assert "not loaded (they could run code)" in capsys.readouterr().err and not mark.exists()
+
+    config = cifar.configs_from_args(parse(argv))[0]
+    (tmp_path / "busy").mkdir()
+    with claim(tmp_path / "busy" / "halo.lock", "the test's run"):
+        with pytest.raises(ValueError, match="is in use by pid"):
+            cifar.train(replace(config, name="busy"))
+    assert not (tmp_path / "busy" / "halo").exists()
 
 
 @pytest.mark.cuda

@@ -146,22 +146,44 @@ def check_run_folder(config: CifarConfig) -> None:
     refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoint.pt"])
 
 
+#: options that may differ when a run is resumed (the rest define the run and must be the run's)
+RESUMABLE_OPTIONS = ("epochs", "device", "progress", "seeds", "preset", "download", "data_dir",
+                     "near_ood", "far_ood", "ood_limit")
+
+
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
-    """Train one loss (resumable) and evaluate it; returns the metrics."""
+    """Train one loss (resumable) and evaluate it; returns the metrics. One process per run folder."""
+    from ..io import claim
+
+    validate(config)
+    run_dir = config.run_dir()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with claim(run_dir.with_name(run_dir.name + ".lock"), f"run folder {run_dir}"):
+        return _train_owned(config, data)
+
+
+def _train_owned(config: CifarConfig, data: CifarData | None) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from ..data.arrays import AugmentedBatches
+    from .runs import check_resume
 
-    validate(config)
     check_run_folder(config)
+    run_dir = config.run_dir()
+    checkpoint_path = run_dir / "checkpoint.pt"
+    state = None
+    if config.resume:  # read and checked before anything is written or trained
+        state = load_state_file(checkpoint_path if config.resume == "latest" else config.resume)
+        changed = check_resume(state.get("config") or {}, config, RESUMABLE_OPTIONS,
+                               f"the checkpoint's ({checkpoint_path if config.resume == 'latest' else config.resume})")
     set_seed(config.seed)
     data = data or load_data(config)
     device = _device(config)
     cuda = device.type == "cuda"
-    run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", asdict(config))
+    if state is None or not (run_dir / "config.json").is_file():
+        atomic_write_json(run_dir / "config.json", asdict(config))  # a resume never rewrites the run's config
 
     model, criterion = build(config, len(data.classes))
     model, criterion = model.to(device), criterion.to(device)
@@ -174,9 +196,7 @@ def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
     optimizer, scheduler = optimizer_and_schedule(config, model, criterion, len(batches))
     total = config.epochs * len(batches)
     start_epoch = 0
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if config.resume:
-        state = load_state_file(checkpoint_path if config.resume == "latest" else config.resume)
+    if state is not None:
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
@@ -186,6 +206,8 @@ def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
         print(f"resumed from epoch {start_epoch}")
 
     log = JsonlLog(run_dir / "log.jsonl", True, start_epoch if config.resume else None, position_key="epoch")
+    if state is not None:
+        log.write({"epoch": start_epoch, "resumed": True, "changed": changed})
     bar = tqdm(total=total, initial=start_epoch * len(batches), disable=not config.progress,
                desc=f"{config.dataset} {config.loss}", dynamic_ncols=True)
     for epoch in range(start_epoch, config.epochs):

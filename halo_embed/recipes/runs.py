@@ -29,7 +29,9 @@ from ..io import atomic_path, atomic_write_json, atomic_write_text
 __all__ = [
     "JsonlLog",
     "RunPosition",
+    "check_resume",
     "load_state_file",
+    "resume_differences",
     "refuse_to_overwrite",
     "resolve_resume",
     "rng_state",
@@ -55,7 +57,11 @@ def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> 
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state in types ``torch.load(weights_only=True)`` reads (tensors, tuples of
+    numbers): a checkpoint holding it never needs the unpickler that can run code."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,27 +69,69 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_state_file(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """``torch.save`` through a temporary file: a crash leaves the previous checkpoint."""
+    """``torch.save`` through a temporary file: a crash leaves the previous checkpoint. ``state`` holds only
+    what :func:`load_state_file` reads without the code-running unpickler (tensors, numbers, strings,
+    lists, tuples, dicts: :func:`rng_state`'s form)."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint read with ``torch.load(weights_only=True)``: a file that needs more (code, numpy
+    objects: a crafted file, or one an older halo-embed wrote) is refused, never executed."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects other than tensors and plain values, which are not loaded (they "
+                         "could run code): a crafted file, or a checkpoint of halo-embed before 2026-12-07; start "
+                         f"the run again (or, if you trust the file, load it yourself) [{str(error)[:120]}]") from None
     except Exception as error:  # a truncated or foreign file
         raise ValueError(f"{path} is damaged or not a halo-embed training checkpoint: {error}") from error
+
+
+def resume_differences(saved: dict[str, Any], config: Any, may_change: Sequence[str]) -> tuple[list[str], list[str]]:
+    """How ``config`` (a recipe's dataclass) differs from the run's saved config: ``(refused, allowed)`` as
+    ``--flag value (the run: value)`` strings; an option in ``may_change`` may differ on a resume, every
+    other one defines the run."""
+    from dataclasses import asdict
+
+    current = asdict(config)
+    refused, allowed = [], []
+    for key in sorted(set(current) & set(saved) - {"resume"}):  # --resume itself always differs
+        if current[key] != saved[key] and not (isinstance(current[key], (list, tuple))
+                                               and list(current[key]) == list(saved[key] or [])):
+            text = f"--{key.replace('_', '-')} {current[key]!r} (the run: {saved[key]!r})"
+            (allowed if key in may_change else refused).append(text)
+    return refused, allowed
+
+
+def check_resume(saved: dict[str, Any], config: Any, may_change: Sequence[str], where: str) -> list[str]:
+    """Raise when a resume would change what defines the run (naming every difference); return the allowed
+    changes (for the log).
+
+    Raises:
+        ValueError: an option that defines the run differs from the run's (``where``: the saved config).
+    """
+    refused, allowed = resume_differences(saved, config, may_change)
+    if refused:
+        raise ValueError(f"--resume continues the run that was started, and {len(refused)} option(s) differ from "
+                         f"{where}: {'; '.join(refused)}; give the run's values, or start a new run (--name). "
+                         f"Options that may change on resume: {', '.join('--' + k.replace('_', '-') for k in may_change)}")
+    return allowed
 
 
 # ---------------------------------------------------------------------------
@@ -165,8 +213,19 @@ class JsonlLog:
     def __init__(self, path: Path, enabled: bool, resume_at: int | None, position_key: str = "step") -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_at is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get(position_key, 0) <= resume_at]
+            lines = path.read_text().splitlines()
+            records = []
+            for number, line in enumerate(lines, 1):
+                if not line:
+                    continue
+                try:
+                    records.append((line, json.loads(line)))
+                except json.JSONDecodeError:
+                    if number == len(lines):  # the line a kill cut off mid-write: dropped, as later lines are
+                        continue
+                    raise ValueError(f"{path}, line {number}, is not JSON: the log is damaged (a log line is "
+                                     "written whole or cut off only at the end)") from None
+            kept = [line for line, record in records if record.get(position_key, 0) <= resume_at]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif enabled and resume_at is None and path.exists():
             path.unlink()
