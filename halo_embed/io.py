@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "new_file_mode",
+__all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "claim_for", "new_file_mode",
            "to_jsonable", "unused_path"]
 
 
@@ -133,3 +133,16 @@ def claim(lock_path: str | os.PathLike, what: str) -> Iterator[Path]:
             lock_path.unlink(missing_ok=True)  # before the release: a waiting process finds no half-stale file
     finally:
         handle.close()
+
+
+def claim_for(target: str | os.PathLike, what: str):
+    """:func:`claim` of ``target`` (a run folder, an output file) through a lock file outside the user's folders
+    (``<tmp>/halo-embed-claims/<hash of the absolute path>.lock``): checking ownership writes nothing where
+    the run would write, and needs no folder to exist yet. Processes of one machine are kept apart."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(os.fspath(Path(target).resolve()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "halo-embed-claims"
+    folder.mkdir(mode=0o777, exist_ok=True)
+    return claim(folder / f"{key}.lock", what)

@@ -136,7 +136,7 @@ def test_a_run_is_a_contract(tiny_cifar, tmp_path, capsys):
     from dataclasses import replace
 
     from halo_embed.cli import main
-    from halo_embed.io import claim
+    from halo_embed.io import claim_for
 
     argv = ["--loss", "halo", *common(tiny_cifar, tmp_path), "--epochs", "1"]
     assert main(["cifar", *argv, "--name", "run"]) == 0
@@ -169,11 +169,10 @@ def test_a_run_is_a_contract(tiny_cifar, tmp_path, capsys):
     assert "not loaded (they could run code)" in capsys.readouterr().err and not mark.exists()
 
     config = cifar.configs_from_args(parse(argv))[0]
-    (tmp_path / "busy").mkdir()
-    with claim(tmp_path / "busy" / "halo.lock", "the test's run"):
+    with claim_for(tmp_path / "busy" / "halo", "the test's run"):
         with pytest.raises(ValueError, match="is in use by pid"):
             cifar.train(replace(config, name="busy"))
-    assert not (tmp_path / "busy" / "halo").exists()
+    assert not (tmp_path / "busy").exists()  # nothing written
 
 
 @pytest.mark.cuda

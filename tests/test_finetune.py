@@ -118,8 +118,10 @@ def test_resume_replays_the_same_run(tmp_path, tiny_model_dirs):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert log == [3, 4]
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "resumed" not in r] == [3, 4]
+    assert records[0]["resumed"].endswith("step-0000002") and records[0]["changed"] == [
+        "--name 'resumed' (the run: 'straight')"]
 
 
 def test_accumulation_steps_once_per_group(tmp_path, tiny_model_dirs):
@@ -316,3 +318,59 @@ def test_two_processes_match_one(tmp_path, tiny_model_dirs):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
               for n in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_a_finetune_run_is_a_contract(tmp_path, tiny_model_dirs, capsys):
+    """One process per run folder; a resume continues the run that was started; the run position needs no
+    pickle (a crafted one in a checkpoint is never executed); a damaged newest checkpoint falls back to the
+    older complete one; a torn last log line is dropped; nothing is written before an input error."""
+    import os
+    import pickle
+
+    from halo_embed.cli import main
+    from halo_embed.io import claim_for
+
+    model = f"local-dir:{tiny_model_dirs['open_clip_local_dir']}"
+    base = ["finetune", "--model", model, "--shapes-train-images", "48", "--shapes-val-images", "24",
+            "--eval-images", "24", "--batch-size", "16", "--warmup", "2", "--adapter-samples", "32",
+            "--logs", str(tmp_path), "--name", "run", "--no-progress", "--report-to", "none", "--save-every", "2",
+            "--keep-checkpoints", "3", "--log-every", "1"]
+    with claim_for(tmp_path / "run", "the test"):
+        assert main([*base, "--max-steps", "2"]) == 2
+    assert "is in use by pid" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main([*base, "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for changed, message in ((["--lr", "0.3"], "--lr 0.3 (the run: 0.0005)"),
+                             (["--loss", "clip"], "--loss 'clip' (the run: 'halo')"),
+                             (["--zeroshot-data", str(tmp_path / "nowhere")], "does not exist")):
+        assert main([*base, "--max-steps", "6", "--resume", "latest", *changed]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot  # the run is unchanged
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("open(__import__('os').environ['HALO_TEST_MARK'], 'w').write('ran')",))
+
+    newest, older = run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000002"
+    for folder in (newest, older):  # where Accelerate would unpickle a registered object, weights_only=False
+        (folder / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps({"step": Payload()}))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # a torn newest checkpoint
+    with open(run / "log.jsonl", "a") as handle:  # and a torn last log line
+        handle.write('{"step": 5, "lo')
+    os.environ["HALO_TEST_MARK"] = str(tmp_path / "mark")
+    try:
+        assert main([*base, "--max-steps", "6", "--resume", "latest"]) == 0
+    finally:
+        del os.environ["HALO_TEST_MARK"]
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged" in err and f"using the previous one, {older}" in err
+    assert not (tmp_path / "mark").exists()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if "resumed" in r]
+    assert resumed == [{"step": 2, "resumed": str(older), "changed": ["--max-steps 6 (the run: 4)"]}]
+    assert [r["step"] for r in records if "resumed" not in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 4  # the run's config, not rewritten

@@ -372,3 +372,14 @@ def test_distinct_alphas_never_share_a_folder():
     alphas = [0.001, 0.004, 0.0, 0.25, 0.1234561, 0.1234562, 1e-9, 0.33333333333333331, 1 / 3 + 1e-16]
     names = [alpha_folder(a) for a in sorted(set(alphas))]
     assert len(names) == len(set(names)), names
+
+
+def test_wise_ft_waits_for_nobody(tmp_path, capsys):
+    """wise-ft on a run folder another process holds (the run still training, or a second sweep) stops at once."""
+    from halo_embed.cli import main
+    from halo_embed.io import claim_for
+
+    run = tmp_path / "run"
+    with claim_for(run, "the test"):
+        assert main(["wise-ft", str(run), "--alphas", "0.5"]) == 2
+    assert "is in use by pid" in capsys.readouterr().err and not run.exists()

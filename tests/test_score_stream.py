@@ -143,10 +143,10 @@ def test_tokenize_checked_is_tokenize_and_truncated(tiny_model_dirs, family):
 def test_one_process_per_output(scoring_inputs, tmp_path, run_cli):  # noqa: F811
     """A second `score` on an output that a live process writes stops before it reads or writes anything; a
     holder that dies (SIGKILL) leaves no claim behind."""
-    from halo_embed.io import claim
+    from halo_embed.io import claim, claim_for
 
     output, lock = tmp_path / "scores.csv", tmp_path / "scores.csv.lock"
-    with claim(lock, "the test's run"):
+    with claim_for(output, "the test's run"):
         busy = run_cli(*score_args(scoring_inputs, output, "--resume"))
     assert busy.returncode == 2 and "is in use by pid" in busy.stderr, busy.stderr
     assert len(busy.stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == []

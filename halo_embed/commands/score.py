@@ -106,7 +106,7 @@ def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, colu
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from ..io import claim
+    from ..io import claim_for
 
     pairs_path = Path(args.pairs)
     if not pairs_path.is_file():
@@ -122,7 +122,7 @@ def _batch(args: argparse.Namespace) -> int:
                                 + ("is not writable" if folder.is_dir() else "does not exist")))
         # one process per output: a second one (a --resume of a run still going, the same command twice)
         # stops here, before it reads or writes anything
-        with claim(output.with_name(output.name + ".lock"), f"--output {args.output}"):
+        with claim_for(output, f"--output {args.output}"):
             return _batch_owned(args, pairs_path, output)
     if args.resume:
         raise ValueError("--resume needs --output (the scores of the interrupted run are kept next to it)")

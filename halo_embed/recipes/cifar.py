@@ -148,17 +148,16 @@ def check_run_folder(config: CifarConfig) -> None:
 
 #: options that may differ when a run is resumed (the rest define the run and must be the run's)
 RESUMABLE_OPTIONS = ("epochs", "device", "progress", "seeds", "preset", "download", "data_dir",
-                     "near_ood", "far_ood", "ood_limit")
+                     "near_ood", "far_ood", "ood_limit", "name", "output")
 
 
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
     """Train one loss (resumable) and evaluate it; returns the metrics. One process per run folder."""
-    from ..io import claim
+    from ..io import claim_for
 
     validate(config)
     run_dir = config.run_dir()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with claim(run_dir.with_name(run_dir.name + ".lock"), f"run folder {run_dir}"):
+    with claim_for(run_dir, f"run folder {run_dir}"):
         return _train_owned(config, data)
 
 

@@ -74,7 +74,8 @@ from .finetune_config import AUTOCAST, FinetuneConfig, add_arguments, configs_fr
 from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, split_calibration, training_loader,
                             zeroshot_data_for)
 from .finetune_report import calibrate_model, evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
-from .runs import JsonlLog, RunPosition, refuse_to_overwrite, resolve_resume, save_accelerate_state
+from .runs import (JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite, resolve_resume,
+                   save_accelerate_state)
 
 __all__ = ["FinetuneConfig", "build_model", "main", "run", "train"]
 
@@ -176,12 +177,23 @@ def attach_feature_cache(model, config: FinetuneConfig, training: bool) -> None:
 _FEATURE_CACHES: dict[Path, Any] = {}
 
 
-def train(config: FinetuneConfig) -> dict[str, Any]:
-    """Run one fine-tuning (and its evaluation); returns the metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+#: options that may differ when a run is resumed (the rest define the run and must be the run's): how long
+#: it goes on, how it logs and saves, and what the final evaluation looks at
+RESUMABLE_OPTIONS = ("max_steps", "epochs", "log_every", "save_every", "save_frequency", "keep_checkpoints",
+                     "progress", "report_to", "workers", "feature_cache", "strict_images", "eval_images",
+                     "ood_data", "zeroshot_data", "zeroshot_classnames", "zeroshot_templates", "zeroshot_images",
+                     "wise_ft", "name", "logs")  # the last two: continuing a checkpoint in another folder
 
-    from ..clip import save_checkpoint
+
+def train(config: FinetuneConfig) -> dict[str, Any]:
+    """Run one fine-tuning (and its evaluation); returns the metrics. One run per run folder: the main
+    process claims it (:func:`~halo_embed.io.claim`) before anything is written, for every process."""
+    import contextlib
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+    from ..io import ClaimedError, claim_for
 
     # 1. seeds, processes, and a run folder that holds no other run
     validate(config)
@@ -195,28 +207,64 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
         log_with=TRACKERS[config.report_to],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
+    with contextlib.ExitStack() as owned:
+        refused = [None]
+        if accelerator.is_main_process:
+            try:
+                owned.enter_context(claim_for(run_dir, f"run folder {run_dir}"))
+            except ClaimedError as error:
+                refused = [str(error)]
+        if accelerator.num_processes > 1:  # every rank stops together, none waits at a barrier for the others
+            refused = broadcast_object_list(refused)
+        if refused[0] is not None:
+            raise ClaimedError(refused[0])
+        return _train_owned(accelerator, config)
+
+
+def saved_run_config(config: FinetuneConfig, resume_dir) -> tuple[dict[str, Any], Path]:
+    """The config of the run a resume continues: this run folder's, or that of the run ``--resume FOLDER``
+    belongs to (``<run>/checkpoints/step-N``)."""
+    for candidate in (config.run_dir() / "config.json", Path(resume_dir).parent.parent / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text()), candidate
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{candidate} is damaged (not valid JSON: {error})") from None
+    return {}, config.run_dir() / "config.json"
+
+
+def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
+    from ..clip import save_checkpoint
+    from .runs import check_resume
+
+    run_dir = config.run_dir()
     check_run_folder(config)
+    resume_dir, changed = None, []
+    if config.resume:  # the run to continue, checked before anything is built or written
+        resume_dir = resolve_resume(config.resume, run_dir)
+        saved, where = saved_run_config(config, resume_dir)
+        changed = check_resume(saved, config, RESUMABLE_OPTIONS, f"the run's ({where})")
+        if config.wise_ft and not (run_dir / "checkpoint-initial").is_dir():
+            raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no "
+                             "checkpoint-initial/ (the run was started without --wise-ft); resume without it")
     accelerator.wait_for_everyone()  # every rank has looked before the main one creates the folder
 
     # 2. data and model; the run folder is created only once both are usable
     train_source, calibration_source = split_calibration(config, load_pairs(config, "train"))
     calibration_data = calibration_pairs(calibration_source, config.seed)  # held out: never trained on
+    load_pairs(config, "val")  # a missing or malformed --val-data is reported now, not after training
+    zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data too
     model = build_model(config, accelerator.process_index, accelerator.num_processes)
     attach_feature_cache(model, config, training=True)
     loader = training_loader(config, train_source, model.backbone)
-    load_pairs(config, "val")  # a missing or malformed --val-data is reported now, not after training
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", asdict(config))
-    resume_dir = resolve_resume(config.resume, run_dir) if config.resume else None
-    if config.wise_ft and resume_dir is not None and not (run_dir / "checkpoint-initial").is_dir():
-        raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no checkpoint-initial/ "
-                         "(the run was started without --wise-ft); resume without it")
+        if resume_dir is None or not (run_dir / "config.json").is_file():
+            atomic_write_json(run_dir / "config.json", asdict(config))  # a resume never rewrites the run's
     if config.loss == "halo" and resume_dir is None and config.adapter_normalization() != "sphere":
         batches = adapter_batches(config, train_source, model.backbone)
         stats = model.fit_adapter(batches)
         accelerator.print(f"adapter statistics measured on {sum(len(pixels) for pixels, _ in batches)} samples: {stats}")
-    zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data is reported before training
 
     # 3. optimisation, resumed where a checkpoint left it
     total_steps = config.max_steps or math.ceil(len(loader) / config.accum_freq) * config.epochs
@@ -224,10 +272,11 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
                                   betas=(config.beta1, config.beta2), eps=config.eps)
     scheduler = warmup_cosine(optimizer, config.warmup, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # the position travels as progress.json, not through register_for_checkpointing (whose file is unpickled
+    # with weights_only=False: a crafted one would run code)
     position = RunPosition()
-    accelerator.register_for_checkpointing(position)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        resume_dir = load_resumable_state(accelerator, resume_dir, run_dir, config.resume, position)
         accelerator.print(f"resumed from {resume_dir} at step {position.step}")
     elif accelerator.is_main_process:
         record_initial_model(accelerator.unwrap_model(model), config, accelerator.device, zeroshot_data,
@@ -236,6 +285,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     accelerator.init_trackers("finetune", config={k: v for k, v in asdict(config).items()
                                                   if isinstance(v, (int, float, str, bool))})
     log = JsonlLog(run_dir / "log.jsonl", accelerator.is_main_process, position.step if resume_dir else None)
+    if resume_dir is not None:
+        log.write({"step": position.step, "resumed": str(resume_dir), "changed": changed})
 
     # 4. the loop
     train_steps(accelerator, model, optimizer, scheduler, loader, position, total_steps, config, log)

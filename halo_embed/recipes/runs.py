@@ -30,6 +30,7 @@ __all__ = [
     "JsonlLog",
     "RunPosition",
     "check_resume",
+    "load_resumable_state",
     "load_state_file",
     "resume_differences",
     "refuse_to_overwrite",
@@ -142,7 +143,9 @@ def check_resume(saved: dict[str, Any], config: Any, may_change: Sequence[str], 
 class RunPosition:
     """Where a run is: optimizer steps, epoch, batches into the epoch, broken images skipped so far.
 
-    Registered with ``accelerator.register_for_checkpointing`` so it is saved and restored with the model.
+    Saved as ``progress.json`` beside Accelerate's state (:func:`save_accelerate_state`) and read back from it
+    (:func:`load_resumable_state`); not through ``register_for_checkpointing``, whose pickle Accelerate loads
+    with ``weights_only=False`` (a crafted one would run code).
     """
 
     def __init__(self) -> None:
@@ -175,26 +178,80 @@ def save_accelerate_state(accelerator, run_dir: Path, position: RunPosition, kee
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(staging / "progress.json", position.state_dict())
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(staging, target)
-        atomic_write_text(run_dir / "checkpoints" / "latest", target.name + "\n")
-        for old in _checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(staging / "progress.json", position.state_dict())
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+            atomic_write_text(run_dir / "checkpoints" / "latest", target.name + "\n")
+            for old in _checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous checkpoint stays the newest complete one
+        raise OSError(error.errno, f"cannot write the checkpoint {target}: {error.strerror or error}") from error
     accelerator.wait_for_everyone()
     return target
+
+
+def _load_without_pickles(accelerator, path: Path) -> None:
+    """``accelerator.load_state(path)`` without ``custom_checkpoint_*.pkl`` (written for registered objects by
+    halo-embed before 2026-12-07, and unpickled by Accelerate with ``weights_only=False``): the other files
+    are linked into a temporary folder that Accelerate reads instead; ``progress.json`` replaces them."""
+    import tempfile
+
+    pickles = sorted(path.glob("custom_checkpoint_*.pkl"))
+    if not pickles:
+        accelerator.load_state(str(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="halo-embed-resume-") as view:
+        for item in path.iterdir():
+            if item not in pickles:
+                os.symlink(item.resolve(), Path(view) / item.name)
+        accelerator.load_state(view)
+
+
+def load_resumable_state(accelerator, resume_dir: Path, run_dir: Path, resume: str, position: RunPosition) -> Path:
+    """Restore model, optimizer, scheduler, RNG (Accelerate's files, read with ``weights_only=True``) and
+    ``position`` (``progress.json``) from ``resume_dir``. With ``--resume latest`` a damaged checkpoint (a
+    truncated weights or optimizer file) is reported on stderr by name and the next older complete one is
+    used; returns the folder resumed from.
+
+    Raises:
+        ValueError: the checkpoint (every one, for ``latest``) cannot be loaded; the message names the file.
+    """
+    import sys
+
+    candidates = [Path(resume_dir)]
+    if resume == "latest":
+        candidates += [p for p in reversed(_checkpoint_dirs(run_dir)) if p != Path(resume_dir)
+                       and (p / "progress.json").is_file()]
+    for number, path in enumerate(candidates):
+        try:
+            progress = json.loads((path / "progress.json").read_text())
+            _load_without_pickles(accelerator, path)
+        except Exception as error:  # a torn file fails in safetensors, torch.load or json, each its own way
+            message = f"checkpoint {path} is damaged ({type(error).__name__}: {str(error)[:200]})"
+            if number + 1 == len(candidates):
+                raise ValueError(message + ("; no older complete checkpoint to use" if resume == "latest" else ""))
+            print(f"{message}; using the previous one, {candidates[number + 1]}", file=sys.stderr)
+            continue
+        position.load_state_dict(progress)
+        return path
+    raise ValueError(f"no checkpoint to resume from in {run_dir}")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:
     """The checkpoint folder of ``--resume`` (a folder, or ``latest`` of ``run_dir``)."""
     if resume == "latest":
         pointer = run_dir / "checkpoints" / "latest"
-        if not pointer.is_file():
+        complete = [p for p in _checkpoint_dirs(run_dir) if (p / "progress.json").is_file()]
+        if not pointer.is_file() and not complete:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
-        path = run_dir / "checkpoints" / pointer.read_text().strip()
+        path = run_dir / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else complete[-1]
+        if not (path / "progress.json").is_file() and complete:  # the pointer names a folder that is gone
+            path = complete[-1]
     else:
         path = Path(resume)
     if not (path / "progress.json").is_file():

@@ -81,10 +81,10 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
             hint = " (start the run with --wise-ft to keep the initial model)" if name == INITIAL else ""
             raise FileNotFoundError(f"{run_dir / name} is missing{hint}")
     initial, finetuned = load_model(run_dir / INITIAL, device), load_model(run_dir / FINETUNED, device)
-    output = unused_path(Path(output) if output else run_dir / "wise_ft")
-    output.mkdir(parents=True)
     eval_data, zeroshot_data = eval_data_for(config), zeroshot_data_for(config)
     calibration_data = calibration_data_for(config)
+    output = unused_path(Path(output) if output else run_dir / "wise_ft")  # created once every input is read
+    output.mkdir(parents=True)
     points = []
     for alpha in alphas:
         model = interpolate_weights(initial, finetuned, alpha).eval()
@@ -167,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._validation import check_device
 
+    from ..io import claim_for
+
     device = check_device("--device", args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
-    sweep(args.run, args.alphas, device, args.output)
+    with claim_for(Path(args.run), f"run folder {args.run}"):  # not while the run trains, nor twice at once
+        sweep(args.run, args.alphas, device, args.output)
     return 0
