@@ -374,3 +374,24 @@ def test_a_finetune_run_is_a_contract(tmp_path, tiny_model_dirs, capsys):
     assert resumed == [{"step": 2, "resumed": str(older), "changed": ["--max-steps 6 (the run: 4)"]}]
     assert [r["step"] for r in records if "resumed" not in r] == [1, 2, 3, 4, 5, 6]
     assert json.loads((run / "config.json").read_text())["max_steps"] == 4  # the run's config, not rewritten
+
+
+def test_a_full_disk_names_the_checkpoint(tmp_path, tiny_model_dirs, monkeypatch):
+    """No space left while a checkpoint is written: an OSError naming the checkpoint (exit 2 on the command
+    line), and no half-written folder."""
+    import errno
+
+    import safetensors.torch
+
+    from halo_embed.clip import HALOCLIP, load_backbone, save_checkpoint
+
+    model = HALOCLIP(load_backbone("open_clip", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}"), 8,
+                     normalization="sphere")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(OSError, match=rf"cannot write the checkpoint {tmp_path / 'ckpt'}: .*No space left"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -297,3 +297,18 @@ def test_freezing_batch_norm_statistics_keeps_timm_activations(lit_parts):
     backbone.encode_image(pixels)  # a training-mode forward: only the unlocked BatchNorms learn statistics
     assert torch.equal(trunk.blocks[0][0].bn1.running_mean, locked)
     assert not torch.equal(trunk.bn2.running_mean, unlocked)
+
+
+def test_a_checkpoint_never_sends_its_text_tower_to_the_hub(lit_parts, tmp_path):
+    """A checkpoint whose Hugging Face text tower config is missing is damaged: it is refused (exit 2), not
+    looked up on the hub under the name in its config."""
+    import shutil
+
+    from halo_embed.clip import HALOCLIP, load_checkpoint, save_checkpoint
+
+    model = HALOCLIP(lit_backbone(lit_parts), 8, normalization="sphere")
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    assert load_checkpoint(folder).embed_dim == 24
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(ValueError, match="is damaged: its Hugging Face text tower .* has no saved config"):
+        load_checkpoint(folder)

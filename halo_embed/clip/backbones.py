@@ -508,7 +508,12 @@ class OpenCLIPBackbone(CLIPBackbone):
         overrides = {}
         saved_text = directory / "tokenizer"
         text_cfg = open_clip.get_model_config(source).get("text_cfg", {})
-        if "hf_model_name" in text_cfg and (saved_text / "config.json").is_file():
+        if "hf_model_name" in text_cfg and not (saved_text / "config.json").is_file():
+            # a checkpoint carries its Hugging Face text tower's config and tokenizer; without them open_clip
+            # would go to the hub for the name in the config: a scorer must not reach the network
+            raise ValueError(f"{directory} is damaged: its Hugging Face text tower ({text_cfg['hf_model_name']}) "
+                             f"has no saved config in {saved_text}")
+        if "hf_model_name" in text_cfg:
             overrides["text_cfg"] = {**text_cfg, "hf_model_name": str(saved_text), "hf_tokenizer_name": str(saved_text),
                                      "hf_model_pretrained": False}
         with _quiet_random_init_warning():  # the weights come from model.safetensors right after

@@ -16,6 +16,7 @@ between the two renames, which :func:`load_checkpoint` reports).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -86,6 +87,14 @@ def save_checkpoint(model: HALOCLIP | ContrastiveCLIP, directory: str | os.PathL
         # safetensors writes through a private (0600) temporary file: give its file the mode of the others
         os.chmod(staging / WEIGHTS_NAME, new_file_mode())
         _fsync_tree(staging)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        # a full disk (safetensors reports it in its own exception type) is the user's to fix: name the target
+        if isinstance(error, OSError) or "No space left" in str(error):
+            raise OSError(getattr(error, "errno", None) or errno.ENOSPC,
+                          f"cannot write the checkpoint {directory}: {error}") from error
+        raise
+    try:
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{tag}"
             os.rename(directory, old)
