@@ -226,3 +226,41 @@ def test_score_csv_output_never_holds_a_formula(inputs, capsys, tmp_path):
 def test_wise_ft_names_a_bad_device(capsys, tmp_path):
     code, err = run(capsys, ["wise-ft", tmp_path, "--device", "gpu"])
     assert code == 2 and "--device must be a device such as cpu, cuda or cuda:1, got 'gpu'" in err
+
+
+NOTHING_WRITTEN_CASES = {  # input errors of the zero-shot, WiSE-FT and resume paths: exit 2 before any write
+    "zero-shot class without a name": ["--zeroshot-data", "{zeroshot}", "--zeroshot-classnames", "{names}"],
+    "zero-shot data missing": ["--zeroshot-data", "{root}/nowhere"],
+    "resume of a run that never saved": ["--resume", "latest"],
+    "resume of a folder that is no checkpoint": ["--resume", "{root}"],
+    "WiSE-FT alpha outside [0, 1]": ["--wise-ft", "1.5"],
+    "calibration split leaving too few images": ["--calibration-split", "0.5"],
+}
+
+
+@pytest.mark.parametrize("case", list(NOTHING_WRITTEN_CASES))
+def test_finetune_input_errors_write_nothing(inputs, tiny_model_dirs, capsys, tmp_path, case):
+    zeroshot = tmp_path / "zeroshot"
+    for name in ("c01", "c02"):
+        (zeroshot / name).mkdir(parents=True)
+        shape_images(1)[0].save(zeroshot / name / "0.png")
+    (tmp_path / "names.tsv").write_text("c01\ta circle\n")  # no name for c02
+    paths = {**inputs, "zeroshot": zeroshot, "names": tmp_path / "names.tsv"}
+    args = [a.format(**paths) for a in NOTHING_WRITTEN_CASES[case]]
+    before = snapshot(tmp_path)
+    code, err = run(capsys, ["finetune", "--model", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}",
+                             "--shapes-train-images", "60", "--logs", tmp_path / "runs", "--name", "r",
+                             "--no-progress", *args])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)
+    assert snapshot(tmp_path) == before and not (tmp_path / "runs").exists(), case
+
+
+def test_wise_ft_input_errors_write_nothing(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"loss": "halo", "model": "halo-tiny-vit"}')
+    before = snapshot(tmp_path)
+    for args in (["--alphas", "2"], ["--alphas", "0.5"]):  # a bad alpha; no checkpoint-initial/
+        code, err = run(capsys, ["wise-ft", run_dir, *args])
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before and sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
