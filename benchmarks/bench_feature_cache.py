@@ -62,7 +62,7 @@ def main() -> None:
         train(FinetuneConfig(name=name.replace(" ", "-"), feature_cache=cache, **common))
         total = time.perf_counter() - started
         run = work / name.replace(" ", "-")
-        steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
         per_epoch: dict[int, list[float]] = {}
         for record in steps:  # one record per step (--log-every 1): its seconds from the samples/s it logged
             per_epoch.setdefault(record["epoch"], []).append(args.batch_size / record["samples_per_s"])

@@ -5,6 +5,8 @@ error; 0 only for odd but valid input; never 3), nothing written outside the com
 no existing file changed.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,7 @@ def inputs(tmp_path_factory, tiny_model_dirs):
     (csvs / "formula.csv").write_text("image,caption\n../images/ok.png,=HYPERLINK(\"x\")\n")
     (images / "a-folder.png").mkdir()
     (images / "loop.png").symlink_to(images / "loop.png")
+    os.mkfifo(images / "pipe.png")
     damaged = save_checkpoint(model, root / "negative-width-ckpt")
     config = (damaged / "open_clip_config.json").read_text().replace('"width": 32', '"width": -32', 1)
     (damaged / "open_clip_config.json").write_text(config)
@@ -116,6 +119,7 @@ SCORE_CASES = {
                                        "--text-column", "image"], {2}),
     "a folder as image": (["{good}", "--image", "{images}/a-folder.png", "--text", "a"], {2}),
     "a symlink loop as image": (["{good}", "--image", "{images}/loop.png", "--text", "a"], {2}),
+    "a named pipe as image": (["{good}", "--image", "{images}/pipe.png", "--text", "a"], {2}),
     "config describing a negative width": (["{root}/negative-width-ckpt", "--image", "{images}/ok.png", "--text",
                                             "a"], {2}),
 }
