@@ -114,14 +114,25 @@ def claim(lock_path: str | os.PathLike, what: str) -> Iterator[Path]:
     import time
 
     lock_path = Path(lock_path)
-    handle = open(lock_path, "a+", encoding="utf-8")
-    try:
+    while True:
+        handle = open(lock_path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise ClaimedError(f"{what} is in use by {holder} (lock {lock_path}); wait for it to finish") from None
+        # The holder before us unlinks the file as it leaves: a lock on that unlinked file would not keep out
+        # a process that opens the path afresh, so only a lock on the file the path still names counts.
+        try:
+            same_file = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
@@ -144,5 +155,9 @@ def claim_for(target: str | os.PathLike, what: str):
 
     key = hashlib.sha1(os.fspath(Path(target).resolve()).encode()).hexdigest()[:24]
     folder = Path(tempfile.gettempdir()) / "halo-embed-claims"
-    folder.mkdir(mode=0o777, exist_ok=True)
+    try:
+        folder.mkdir()
+        folder.chmod(0o1777)  # shared by every user of the machine, like /tmp itself
+    except FileExistsError:
+        pass
     return claim(folder / f"{key}.lock", what)

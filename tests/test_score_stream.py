@@ -160,3 +160,36 @@ def test_one_process_per_output(scoring_inputs, tmp_path, run_cli):  # noqa: F81
     with claim(lock, "the test's run"):  # the kernel released the dead holder's lock
         pass
     assert not lock.exists()
+
+
+_CONTENDER = """
+import os, sys, time
+from halo_embed.io import ClaimedError, claim
+lock, inside, overlaps = sys.argv[1], sys.argv[2], 0
+deadline, held = time.monotonic() + 1.5, 0
+while time.monotonic() < deadline:
+    try:
+        with claim(lock, "x"):
+            try:
+                os.close(os.open(inside, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                overlaps += 1
+                continue
+            held += 1
+            time.sleep(0.001)
+            os.unlink(inside)
+    except ClaimedError:
+        pass
+print(held, overlaps)
+"""
+
+
+def test_claims_never_overlap_under_contention(tmp_path):
+    """Four processes claim and release one lock as fast as they can: a holder unlinks the lock file as it
+    leaves, and a process that opened the old file before that must not count as holding the new one."""
+    lock, inside = tmp_path / "run.lock", tmp_path / "inside"
+    contenders = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(lock), str(inside)],
+                                   stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [tuple(map(int, c.communicate(timeout=60)[0].split())) for c in contenders]
+    assert sum(held for held, _ in results) > 20, results  # the lock did change hands
+    assert all(overlaps == 0 for _, overlaps in results), results
