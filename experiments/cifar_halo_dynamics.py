@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from halo_embed import geometry
+from halo_embed import HALOHead, geometry
 from halo_embed.data.arrays import AugmentedBatches
 from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.losses.functional import halo_cross_entropy
@@ -104,7 +104,7 @@ def trace(config: CifarConfig, data, every: int) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
-    known = predict(config, model, criterion, data.test, torch.device("cpu"))
+    known = predict(config, model, data.test, torch.device("cpu"), HALOHead.from_trained(model, criterion))
     accuracy = (known["pred"] == data.test.labels).float().mean().item()
     return {"init_gamma": config.init_gamma, "rows": rows, "test_accuracy": accuracy,
             "seconds": time.perf_counter() - started}

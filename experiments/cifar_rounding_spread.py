@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 from accelerate.utils import set_seed
 
+from halo_embed import HALOHead
 from halo_embed.data.arrays import AugmentedBatches
 from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes.cifar import (
@@ -72,7 +73,8 @@ def twin_run(config: CifarConfig, data, eps: float, every: int) -> dict:
             step += 1
     a, b = (parameters(m, c) for m, c in twins)
     distances.append((step, ((a - b).norm() / a.norm()).item()))
-    preds = [predict(config, m, c, data.test, torch.device("cpu"))["pred"] for m, c in twins]
+    preds = [predict(config, m, data.test, torch.device("cpu"), HALOHead.from_trained(m, c) if config.loss == "halo" else None)["pred"]
+             for m, c in twins]
     accuracy = [(p == data.test.labels).float().mean().item() for p in preds]
     return {"distances": distances, "accuracy": accuracy,
             "disagreement": (preds[0] != preds[1]).float().mean().item()}

@@ -34,6 +34,7 @@ __all__ = [
     "R_SQ_INIT",
     "abstain_bias",
     "abstain_mask",
+    "classifier_abstains",
     "abstention_possible",
     "effective_gamma",
     "finite_shifted_and_true_logits",
@@ -311,6 +312,18 @@ def abstain_mask(shifted: Tensor, abstain_bias: float | Tensor) -> Tensor:
     column (ties go to the class, as ``argmax`` returns the first maximum).
     """
     return shifted.max(dim=-1).values < abstain_bias
+
+
+def classifier_abstains(shifted: Tensor, true: Tensor, temperature: Tensor | float, decision_bias: float | Tensor,
+                        max_mean_sq_distance: float | Tensor = float("inf")) -> Tensor:
+    """The classifier's decision: ``(N, K), (N, K) -> (N,)`` bool, decline the input.
+
+    Declined when the sink's logit ``decision_bias`` is strictly above every class logit (the ``K + 1``
+    argmax, :func:`abstain_mask`) or the nearest prototype is farther than ``max_mean_sq_distance``
+    (``|x - c|^2 / D``, from the true logits ``-g |x - c|^2 / D``; ``inf``: no limit).
+    """
+    nearest = -true.max(dim=-1).values / temperature
+    return abstain_mask(shifted, decision_bias) | (nearest > max_mean_sq_distance)
 
 
 def abstention_possible(centroids: Tensor, temperature: float | Tensor, abstain_bias: float | Tensor,

@@ -4,8 +4,15 @@
     embeddings, _ = model(images)
     out = head(embeddings)
     out.probs          # (N, K+1), last column = "I don't know"
-    out.labels         # (N,) predicted class, or ABSTAIN (-1) where the sink wins
+    out.labels         # (N,) predicted class, or ABSTAIN (-1) where the decision declines
     out.scores["not_abstain"]   # (N,) larger = more in-distribution
+
+    head.calibrate(model(held_out_images)[0])   # the decision keeps 95 % of held-out ID inputs
+
+The probabilities use the abstain bias the loss trained with (the reference's
+constant); the decision (``labels``, ``abstained``) uses the head's
+``decision_bias``, the reference's constant until :meth:`HALOHead.calibrate`
+sets it on held-out data.
 
 Every quantity comes from :mod:`halo_embed.geometry`, the same functions the
 loss trains with, so what the loss optimised is what the head reports.
@@ -23,6 +30,8 @@ from ._validation import check_float, check_temperature, check_tensor, raise_if_
 
 __all__ = [
     "ABSTAIN",
+    "DECISION_RULES",
+    "AbstentionCalibration",
     "HALO_SCORE_DESCRIPTIONS",
     "SOFTMAX_SCORE_DESCRIPTIONS",
     "HALOHead",
@@ -71,6 +80,46 @@ def halo_ood_scores(probs: Tensor, true: Tensor, temperature: Tensor) -> dict[st
     }
 
 
+#: How :meth:`HALOHead.calibrate` may decide. ``sink``: the origin's logit against every class logit (the
+#: K+1 argmax) with a calibrated bias; ``sink+distance``: also decline inputs farther from their nearest
+#: prototype than held-out ID inputs are (the sink compares distances to the origin and to the prototypes,
+#: so an input far from both, e.g. noise of large norm, passes it).
+DECISION_RULES = ("sink", "sink+distance")
+
+
+@dataclass
+class AbstentionCalibration:
+    """The decision :meth:`HALOHead.calibrate` set, and how.
+
+    Attributes:
+        rule: one of :data:`DECISION_RULES`, or ``reference`` (the loss's constant; nothing calibrated).
+        fitted_on: how the thresholds were chosen, in words.
+        decision_bias: the sink's logit in the decision (shifted terms; the class wins at ``>=``).
+        max_mean_sq_distance: ``|x - c|^2 / D`` to the nearest prototype above which an input is declined
+            (``inf``: no distance limit).
+        held_out_kept: share of the held-out ID inputs the decision keeps.
+        held_out_ood_rejected: share of the held-out OOD inputs it declines (``None`` without OOD data).
+        n_id, n_ood: held-out inputs used.
+    """
+
+    rule: str
+    fitted_on: str
+    decision_bias: float
+    max_mean_sq_distance: float
+    held_out_kept: float | None = None
+    held_out_ood_rejected: float | None = None
+    n_id: int = 0
+    n_ood: int = 0
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        values = asdict(self)
+        if values["max_mean_sq_distance"] == float("inf"):
+            values["max_mean_sq_distance"] = None  # JSON has no inf
+        return values
+
+
 @dataclass
 class HALOPrediction:
     """What :class:`HALOHead` returns for ``N`` embeddings.
@@ -98,11 +147,11 @@ class HALOHead(nn.Module):
         centroids: ``(K, D)`` centroids, already centred as during training.
         temperature: the effective temperature (``HALOLoss.temperature`` =
             ``softplus(HALOLoss.gamma)``, > 0).
-        abstain_bias: the loss's abstain bias.
+        abstain_bias: the loss's abstain bias (the probabilities' sink logit).
         class_labels: ``(K,)`` label of each centroid; default ``arange(K)``.
 
-    The state (centroids, temperature, abstain bias, labels) is held in buffers, so
-    ``state_dict()`` saves everything needed to score.
+    The state (centroids, temperature, abstain bias, labels, the decision) is held in buffers and the
+    module's extra state, so ``state_dict()`` saves everything needed to score and decide.
     """
 
     def __init__(
@@ -127,6 +176,25 @@ class HALOHead(nn.Module):
         self.register_buffer("temperature", torch.tensor([value], dtype=torch.float32))
         self.register_buffer("abstain_bias", torch.tensor(bias, dtype=torch.float32))
         self.register_buffer("class_labels", class_labels.detach().long().clone())
+        self.register_buffer("decision_bias", torch.tensor(bias, dtype=torch.float64))
+        self.register_buffer("max_mean_sq_distance", torch.tensor(float("inf"), dtype=torch.float64))
+        self.calibration = AbstentionCalibration("reference", "the loss's constant abstain bias", bias, float("inf"))
+
+    def get_extra_state(self) -> dict:
+        return self.calibration.to_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        limit = state.get("max_mean_sq_distance")
+        self.calibration = AbstentionCalibration(**{**state, "max_mean_sq_distance":
+                                                    float("inf") if limit is None else float(limit)})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a head saved before the decision was calibratable decides with its abstain bias, as it did
+        if prefix + "decision_bias" not in state_dict and prefix + "abstain_bias" in state_dict:
+            state_dict[prefix + "decision_bias"] = state_dict[prefix + "abstain_bias"].double()
+            state_dict.setdefault(prefix + "max_mean_sq_distance", torch.tensor(float("inf"), dtype=torch.float64))
+            state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_trained(cls, model: nn.Module, loss: nn.Module) -> "HALOHead":
@@ -148,9 +216,58 @@ class HALOHead(nn.Module):
 
     @property
     def can_abstain(self) -> bool:
-        """False when no embedding can make the sink win (the temperature is too low for the abstain bias;
-        see :func:`~halo_embed.geometry.abstention_possible`)."""
-        return geometry.abstention_possible(self.centroids, self.temperature, self.abstain_bias)
+        """False when no embedding can make the decision decline (the temperature is too low for the decision
+        bias and no distance limit is set; see :func:`~halo_embed.geometry.abstention_possible`)."""
+        if torch.isfinite(self.max_mean_sq_distance):
+            return True
+        return geometry.abstention_possible(self.centroids, self.temperature, self.decision_bias)
+
+    @torch.no_grad()
+    def calibrate(self, embeddings: Tensor, keep: float = 0.95, ood_embeddings: Tensor | None = None,
+                  rule: str = "sink") -> AbstentionCalibration:
+        """Set the decision on held-out data the model never trained on (in place); returns what was set.
+
+        Without ``ood_embeddings`` the thresholds keep ``keep`` of the held-out ID inputs (the operating
+        point of FPR@95 tables); with them, they give the best balanced accuracy between the two sets. The
+        probabilities keep the loss's abstain bias: only ``labels`` / ``abstained`` change.
+
+        Args:
+            embeddings: ``(N, D)`` held-out in-distribution embeddings.
+            keep: share of them to keep, in ``(0, 1]``.
+            ood_embeddings: ``(M, D)`` held-out OOD embeddings, optional.
+            rule: one of :data:`DECISION_RULES`.
+
+        Raises:
+            TypeError / ValueError: embeddings as in :meth:`forward`; ``keep`` outside ``(0, 1]``; an
+            unknown ``rule``.
+        """
+        from .eval.selective import keep_threshold
+
+        if rule not in DECISION_RULES:
+            raise ValueError(f"rule must be one of {DECISION_RULES}, got {rule!r}")
+        sink, near = self._decision_scores(embeddings)
+        keep_threshold(sink, keep)  # validates keep before anything changes
+        if ood_embeddings is None:
+            bias, limit = _keep_thresholds(sink, near if rule == "sink+distance" else None, keep)
+            fitted_on = f"keep {keep:.1%} of {len(sink)} held-out ID inputs"
+            ood = None
+        else:
+            ood = self._decision_scores(ood_embeddings)
+            bias, limit = _separating_thresholds((sink, near), ood, rule == "sink+distance")
+            fitted_on = f"best balanced accuracy on {len(sink)} held-out ID and {len(ood[0])} OOD inputs"
+        accepted = lambda scores: (scores[0] >= bias) & (scores[1] >= -limit)  # noqa: E731
+        self.decision_bias.fill_(bias)
+        self.max_mean_sq_distance.fill_(limit)
+        self.calibration = AbstentionCalibration(
+            rule, fitted_on, bias, limit, float(accepted((sink, near)).double().mean()),
+            None if ood is None else float(1.0 - accepted(ood).double().mean()), len(sink),
+            0 if ood is None else len(ood[0]))
+        return self.calibration
+
+    def _decision_scores(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N,)`` float64 sink margin ``max_k shifted`` and ``-min_k |x - c_k|^2 / D`` of each embedding."""
+        shifted, true = self._shifted(embeddings)
+        return shifted.max(dim=-1).values, true.max(dim=-1).values / self.temperature.double()
 
     @property
     def num_classes(self) -> int:
@@ -200,10 +317,51 @@ class HALOHead(nn.Module):
         shifted, true = self._shifted(embeddings)
         logits = geometry.with_abstain(shifted, self.abstain_bias.double())
         probs = torch.softmax(logits, dim=-1)  # float64: a saturated row is one-hot, never NaN
-        abstained = geometry.abstain_mask(shifted, self.abstain_bias.double())
+        abstained = geometry.classifier_abstains(shifted, true, self.temperature.double(), self.decision_bias,
+                                                 self.max_mean_sq_distance)
         labels = torch.where(abstained, ABSTAIN, self.class_labels[shifted.argmax(dim=-1)])
         scores = halo_ood_scores(probs, true, self.temperature.double())
         limit = torch.finfo(torch.float32).max  # float32 outputs, as before; beyond its range they saturate
         scores = {name: value.clamp(-limit, limit).float() for name, value in scores.items()}
         return HALOPrediction(probs=probs.float(), labels=labels, abstained=abstained, scores=scores,
                               logits=logits.clamp(-limit, limit).float())
+
+
+def _keep_thresholds(sink: Tensor, near: Tensor | None, keep: float) -> tuple[float, float]:
+    """``(decision_bias, max_mean_sq_distance)`` keeping ``keep`` of the held-out ID inputs: the sink alone,
+    or (``near`` given) a distance limit that keeps all but a fifth of the rejected share (99 % for
+    ``keep`` = 95 %: only inputs beyond the held-out ones' range) and the sink lowered until together they
+    keep ``keep``."""
+    from .eval.selective import keep_threshold
+
+    if near is None:
+        return keep_threshold(sink, keep), float("inf")
+    limit = keep_threshold(near, 1.0 - (1.0 - keep) / 5.0)
+    inside = near >= limit
+    kept = lambda q: ((sink >= keep_threshold(sink, q)) & inside).double().mean()  # noqa: E731
+    low, high = keep, 1.0
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if kept(middle) >= keep else (middle, high)
+    return keep_threshold(sink, high), -limit
+
+
+def _separating_thresholds(known: tuple[Tensor, Tensor], ood: tuple[Tensor, Tensor],
+                           with_distance: bool) -> tuple[float, float]:
+    """``(decision_bias, max_mean_sq_distance)`` with the best balanced accuracy between held-out ID and OOD
+    inputs; with the distance, over a grid of both limits at the ID quantiles 0-50 %."""
+    from .eval.metrics import best_threshold
+
+    if not with_distance:
+        return best_threshold(known[0], ood[0])[0], float("inf")
+    grid = torch.linspace(0.0, 0.5, 51, dtype=torch.float64)
+    sink_limits = torch.quantile(known[0], grid).tolist() + [known[0].min().item() - 1.0]
+    near_limits = torch.quantile(known[1], grid).tolist() + [known[1].min().item() - 1.0]
+    best, choice = -1.0, (sink_limits[-1], near_limits[-1])
+    for b in sink_limits:
+        for t in near_limits:
+            kept = ((known[0] >= b) & (known[1] >= t)).double().mean()
+            caught = 1.0 - ((ood[0] >= b) & (ood[1] >= t)).double().mean()
+            if 0.5 * (kept + caught) > best:
+                best, choice = float(0.5 * (kept + caught)), (b, t)
+    return choice[0], -choice[1]

@@ -293,3 +293,98 @@ def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
     with pytest.raises(FileNotFoundError, match="needs .*/train/<class>/ and .*/test/<class>/ folders"):
         cifar.load_data(cifar.CifarConfig(dataset="imagefolder", data_dir=str(tmp_path / "nowhere"),
                                           near_ood=["x"], far_ood=["y"]))
+
+
+def test_calibration_split_is_per_class_disjoint_and_seed_free():
+    labels = torch.arange(5).repeat_interleave(torch.tensor([10, 20, 30, 40, 50]))
+    data = ImageArray(torch.arange(150).view(150, 1, 1, 1).expand(150, 3, 1, 1).to(torch.uint8), labels, "x",
+                      [str(c) for c in range(5)])
+    kept, held_out = data.split_per_class(0.1)
+    assert torch.bincount(held_out.labels).tolist() == [1, 2, 3, 4, 5]
+    ids = lambda part: set(part.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(kept) | ids(held_out) == set(range(150)) and not ids(kept) & ids(held_out)
+    assert ids(data.split_per_class(0.1)[1]) == ids(held_out)  # fixed: every seed holds out the same images
+    with pytest.raises(ValueError, match="class '0' has 10 image\\(s\\): holding out 0.01 of them leaves no held-out"):
+        data.split_per_class(0.01)
+    with pytest.raises(ValueError, match="class '0' has 10 image\\(s\\): holding out 0.96 of them leaves no training"):
+        data.split_per_class(0.96)
+    absent = ImageArray(data.images[:10], labels[:10], "x", ["0", "1"])
+    with pytest.raises(ValueError, match="class '1' has 0 image"):
+        absent.split_per_class(0.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calibration-split", "0"], "--calibration-split must be in (0, 1), got 0.0"),
+    (["--calibration-split", "1"], "--calibration-split must be in (0, 1), got 1.0"),
+    (["--calibration-split", "nan"], "--calibration-split must be in (0, 1), got nan"),
+    (["--calibration-split", "0.01"], "class 'airplane' has 24 image(s): holding out 0.01 of them leaves no held-out"),
+    (["--calibration-split", "0.99"], "class 'airplane' has 24 image(s): holding out 0.99 of them leaves no training"),
+    (["--calibration-ood", "{root}/nowhere.npz"], "nowhere.npz"),
+    (["--keep", "0"], "--keep must be in (0, 1], got 0.0"),
+])
+def test_a_bad_calibration_is_refused_before_training(tiny_cifar, tmp_path, capsys, args, message):
+    from halo_embed.cli import main
+
+    argv = ["cifar", "compare", *common(tiny_cifar, tmp_path / "runs"), "--epochs", "1",
+            *(a.format(root=tiny_cifar) for a in args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_decision_is_calibrated_on_held_out_images_and_saved(tiny_cifar, tmp_path):
+    """The run ends with HALO's sink calibrated on the held-out split (saved in the checkpoint, reported) and
+    every score of both losses thresholded by the same rule; with --calibration-ood the rule separates."""
+    argv = ["compare", *common(tiny_cifar, tmp_path), "--epochs", "2", "--name", "dec", "--keep", "0.9"]
+    assert cifar.run(parse(argv)) == 0
+    halo = json.loads((tmp_path / "dec" / "halo" / "metrics.json").read_text())["metrics"]
+    cce = json.loads((tmp_path / "dec" / "cce" / "metrics.json").read_text())["metrics"]
+    assert halo["n_calibration"] == cce["n_calibration"] == 20 and halo["n_train"] == 220
+    decision = halo["decision"]
+    assert decision["primary"] == "sink" and set(decision["rules"]) == {"reference", "sink", "sink+distance"}
+    assert set(decision["scores"]) == {"not_abstain", "msp", "neg_distance", "energy"}
+    assert set(cce["decision"]["scores"]) == {"msp", "max_logit", "energy"} and cce["decision"]["rules"] == {}
+    sink = decision["rules"]["sink"]
+    assert sink["calibration"]["n_id"] == 20 and sink["calibration"]["held_out_kept"] >= 0.9
+    assert halo["abstain_rate_known"] == pytest.approx(1 - sink["id_kept"])  # the head decides with the calibrated bias
+    assert set(sink["ood_rejected"]) == {"noise", "grey"}
+    state = torch.load(tmp_path / "dec" / "halo" / "checkpoint.pt", weights_only=True)
+    assert state["decision"] == sink["calibration"]
+    report = (tmp_path / "dec" / "report.md").read_text()
+    assert "thresholds set to keep 90 % of 20 held-out training images" in report
+    assert "| HALO decision `sink` (the run's) |" in report and "| CCE `msp` thresholded |" in report
+    assert (tmp_path / "dec" / "halo" / "risk_coverage.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="--calibration-ood .*noise.npz is also a test OOD set"):
+        cifar.run(parse([*argv, "--calibration-ood", str(tiny_cifar / "noise.npz")]))
+    held_out_noise = tmp_path / "held_out_noise.npz"
+    np.savez(held_out_noise, x=np.random.default_rng(9).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))
+    separated = ["--loss", "halo", *argv[1:-2], "--name", "sep", "--calibration-ood", str(held_out_noise),
+                 "--decision", "sink+distance"]
+    assert cifar.run(parse(separated)) == 0
+    decision = json.loads((tmp_path / "sep" / "halo" / "metrics.json").read_text())["metrics"]["decision"]
+    assert decision["held_out_ood"] == ["held_out_noise"] and decision["primary"] == "sink+distance"
+    assert decision["rules"]["sink+distance"]["calibration"]["n_ood"] == 30
+    assert "best balanced accuracy" in decision["scores"]["msp"]["rule"]
+
+
+def test_temperature_learning_rate_and_schedule():
+    """--temperature-lr scales the temperature's rate; --temperature-schedule constant keeps it at its peak after
+    the warm-up while the network's decays."""
+    config = cifar.CifarConfig(loss="halo", width=4, epochs=4, warmup_epochs=1, temperature_lr=10.0,
+                               temperature_schedule="constant")
+    model, criterion = cifar.build(config, 10)
+    optimizer, scheduler = cifar.optimizer_and_schedule(config, model, criterion, steps_per_epoch=5)
+    rates = []
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        rates.append([group["lr"] for group in optimizer.param_groups])
+    assert rates[3] == [pytest.approx(0.1), pytest.approx(1.0)]  # the end of the warm-up
+    assert rates[-2][0] < 0.01 and rates[-2][1] == pytest.approx(1.0)
+    cosine = cifar.CifarConfig(loss="halo", width=4, epochs=4, temperature_lr=0.5)
+    optimizer, scheduler = cifar.optimizer_and_schedule(cosine, model, criterion, steps_per_epoch=5)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.5 * optimizer.param_groups[0]["lr"])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--temperature-lr must be a finite number >= 0"):
+            cifar.validate(cifar.CifarConfig(temperature_lr=bad))

@@ -11,5 +11,11 @@ def test_digits_recipe_end_to_end(tmp_path):
     assert set(metrics["cce"]["ood"]) == {"msp", "max_logit", "energy"}
     report = (tmp_path / "report.md").read_text()
     assert "| metric | CCE | HALO |" in report and "halo_pca.png" in report
+    # the decision: set on held-out known digits, HALO's by the distance rule, CCE's best score thresholded
+    assert "| decision (keep 95 % of held-out known digits) |" in report
+    assert "| HALO decision `sink+distance` (the run's) |" in report and "| CCE `msp` thresholded |" in report
+    halo = metrics["halo"]["decision"]["rules"]["sink+distance"]
+    assert halo["calibration"]["held_out_kept"] >= 0.95 and halo["ood_rejected"]["uniform noise"] == 1.0
+    assert metrics["headline"]["HALO"]["rejected_far"] == 1.0
     for png in ("cce_reliability.png", "halo_scores.png", "halo_pca.png"):
         assert (tmp_path / png).stat().st_size > 5000

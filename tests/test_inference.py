@@ -53,7 +53,8 @@ def test_from_trained_and_class_labels():
     relabelled = HALOHead(head.centroids, head.temperature, head.abstain_bias, torch.tensor([5, 6, 7, 8]))
     out = relabelled(head.centroids)
     assert out.labels.tolist() == [5, 6, 7, 8]
-    assert set(head.state_dict()) == {"centroids", "temperature", "abstain_bias", "class_labels"}
+    assert set(head.state_dict()) == {"centroids", "temperature", "abstain_bias", "class_labels", "decision_bias",
+                                      "max_mean_sq_distance", "_extra_state"}
     with pytest.raises(ValueError, match=r"model has \(K, D\) = \(4, 8\) but loss has \(3, 8\)"):
         HALOHead.from_trained(model, HALOLoss(8, 3))
     with pytest.raises(TypeError, match="model must be a HALOModel"):

@@ -50,6 +50,35 @@ class ImageArray:
         return ImageArray(self.images[keep], labels, self.name, self.classes)
 
 
+    def split_per_class(self, fraction: float, seed: int = 0) -> tuple["ImageArray", "ImageArray"]:
+        """``(kept, held_out)``: ``round(fraction * n_c)`` random images of each class ``c`` held out.
+
+        Raises:
+            ValueError: no labels, ``fraction`` outside ``(0, 1)``, or a class left with no image on a side
+                (the class is named).
+        """
+        if self.labels is None:
+            raise ValueError(f"{self.name} has no labels to split by class")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+        generator = torch.Generator().manual_seed(seed)
+        held_out = []
+        labels = range(len(self.classes)) if self.classes else torch.unique(self.labels).tolist()
+        for label in labels:
+            members = torch.nonzero(self.labels == label).flatten()
+            count = int(round(fraction * len(members)))
+            if count == 0 or count == len(members):
+                name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else label
+                side = "held-out" if count == 0 else "training"
+                raise ValueError(f"class {name!r} has {len(members)} image(s): holding out {fraction:g} of them "
+                                 f"leaves no {side} image")
+            held_out.append(members[torch.randperm(len(members), generator=generator)[:count]])
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[torch.cat(held_out)] = True
+        part = lambda keep: ImageArray(self.images[keep], self.labels[keep], self.name, self.classes)  # noqa: E731
+        return part(~mask), part(mask)
+
+
 def _to_array(images: np.ndarray, size: int = 32) -> Tensor:
     """(N, H, W[, C]) uint8 numpy -> (N, 3, size, size) uint8 tensor (grey replicated, resized if needed)."""
     array = np.ascontiguousarray(images)

@@ -55,8 +55,8 @@ def _as_array(name: str, values: Any, *, ndim: int = 1, dtype=np.float64) -> np.
     return array
 
 
-def _as_labels(name: str, values: Any, n: int | None = None) -> np.ndarray:
-    """A 1-D integer array, of length ``n`` when given (else non-empty)."""
+def _as_vector(name: str, values: Any, n: int | None = None) -> np.ndarray:
+    """A non-empty 1-D numpy array, of length ``n`` when given, from a list, numpy array or torch tensor."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     array = np.asarray(values)
@@ -65,8 +65,22 @@ def _as_labels(name: str, values: Any, n: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must have shape {expected}, got {array.shape}")
     if array.shape[0] == 0:
         raise ValueError(f"{name} must not be empty")
+    return array
+
+
+def _as_labels(name: str, values: Any, n: int | None = None) -> np.ndarray:
+    """A 1-D integer array, of length ``n`` when given (else non-empty)."""
+    array = _as_vector(name, values, n)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must hold integer class labels, got dtype {array.dtype}")
+    return array
+
+
+def _as_flags(name: str, values: Any, n: int | None = None) -> np.ndarray:
+    """A 1-D boolean array, of length ``n`` when given (else non-empty)."""
+    array = _as_vector(name, values, n)
+    if array.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {array.dtype}")
     return array
 
 

@@ -14,7 +14,8 @@ import numpy as np
 from ..io import atomic_path
 from .metrics import CalibrationResult
 
-__all__ = ["embedding_pca", "reliability_diagram", "roc_curves", "score_histograms", "tradeoff_curves"]
+__all__ = ["embedding_pca", "reliability_diagram", "risk_coverage_curves", "roc_curves", "score_histograms",
+           "tradeoff_curves"]
 
 
 def _figure(width: float = 5.0, height: float = 4.0):
@@ -166,4 +167,19 @@ def tradeoff_curves(curves: Mapping[str, Sequence[tuple[float, float, str]]], pa
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+def risk_coverage_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Selective risk against coverage, one line per ``name -> (coverage, risk)``
+    (:func:`~halo_embed.eval.selective.risk_coverage`); lower is better."""
+    fig = _figure(5.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (coverage, risk) in curves.items():
+        ax.plot(100 * _numpy(coverage), 100 * _numpy(risk), label=label)
+    ax.set_xlabel("coverage % (inputs kept, most confident first)")
+    ax.set_ylabel("error rate of the kept inputs %")
+    ax.set_xlim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -19,7 +19,8 @@ from ..io import atomic_write_json, atomic_write_text
 __all__ = ["format_value", "markdown_table", "side_by_side", "write_report"]
 
 # Metric keys shown in percent (fractions in [0, 1] internally).
-_PERCENT_MARKERS = ("auroc", "aupr", "fpr", "accuracy", "acc", "recall", "R@", "rate", "overlap")
+_PERCENT_MARKERS = ("auroc", "aupr", "aurc", "fpr", "accuracy", "acc", "recall", "R@", "rate", "overlap", "kept",
+                    "rejected")
 
 
 def format_value(key: str, value: Any) -> str:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +82,8 @@ class CifarData:
     near: dict[str, Any]
     far: dict[str, Any]
     classes: list[str]
+    calibration: Any = None       # held out of the training subset: sets the decision, never trained on
+    calibration_ood: dict[str, Any] = field(default_factory=dict)
 
 
 def load_data(config: CifarConfig, with_ood: bool = True) -> CifarData:
@@ -105,8 +107,11 @@ def load_data(config: CifarConfig, with_ood: bool = True) -> CifarData:
     load = lambda spec: load_ood(spec, root, config.download, config.ood_limit)  # noqa: E731
     near = {a.name: a for a in map(load, near_specs)} if with_ood else {}
     far = {a.name: a for a in map(load, far_specs)} if with_ood else {}
-    # the subsets do not depend on --seed: every seed trains and is evaluated on the same images
-    return CifarData(train.subset(config.train_limit), test.subset(config.test_limit), near, far, list(train.classes))
+    calibration_ood = {a.name: a for a in map(load, config.calibration_ood)} if with_ood else {}
+    # the subsets do not depend on --seed: every seed trains, decides and is evaluated on the same images
+    train, calibration = train.subset(config.train_limit).split_per_class(config.calibration_split)
+    return CifarData(train, test.subset(config.test_limit), near, far, list(train.classes), calibration,
+                     calibration_ood)
 
 
 # ---------------------------------------------------------------------------
@@ -126,13 +131,16 @@ def build(config: CifarConfig, num_classes: int) -> tuple[nn.Module, nn.Module]:
 
 def optimizer_and_schedule(config: CifarConfig, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
     """SGD (Nesterov) with weight decay on the network and centroids, none on HALO's temperature;
-    LR ``lr x batch / 128`` with a linear warm-up over ``warmup_epochs`` and cosine decay to 0."""
+    LR ``lr x batch / 128`` with a linear warm-up over ``warmup_epochs`` and cosine decay to 0; HALO's
+    temperature at ``temperature_lr`` times that rate, decaying alike or (``constant``) not after the warm-up."""
+    base = config.lr * config.batch_size / 128
     optimizer = torch.optim.SGD(
         [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
-         {"params": list(criterion.parameters()), "weight_decay": 0.0}],
-        lr=config.lr * config.batch_size / 128, momentum=config.momentum, nesterov=True,
+         {"params": list(criterion.parameters()), "weight_decay": 0.0, "lr": base * config.temperature_lr}],
+        lr=base, momentum=config.momentum, nesterov=True,
     )
-    scheduler = warmup_cosine(optimizer, config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, warmup, total, constant_groups=(1,) if config.temperature_schedule == "constant" else ())
     return optimizer, scheduler
 
 
@@ -148,7 +156,7 @@ def check_run_folder(config: CifarConfig) -> None:
 
 #: options that may differ when a run is resumed (the rest define the run and must be the run's)
 RESUMABLE_OPTIONS = ("epochs", "device", "progress", "seeds", "preset", "download", "data_dir",
-                     "near_ood", "far_ood", "ood_limit", "name", "output")
+                     "near_ood", "far_ood", "ood_limit", "name", "output", "calibration_ood", "keep", "decision")
 
 
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:
@@ -237,6 +245,10 @@ def _train_owned(config: CifarConfig, data: CifarData | None) -> dict[str, Any]:
         })
     bar.close()
     metrics = evaluate(config, model, criterion, data, device)
+    if metrics.get("head") is not None:  # the calibrated decision travels with the weights
+        state, decision = load_state_file(checkpoint_path), metrics["head"].calibration.to_dict()
+        if state.get("decision") != decision:
+            save_state_file(checkpoint_path, {**state, "decision": decision})
     write_run_report(run_dir, config, metrics)
     return metrics
 
@@ -247,13 +259,13 @@ def _train_owned(config: CifarConfig, data: CifarData | None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict(config: CifarConfig, model: nn.Module, criterion: nn.Module, array, device) -> dict[str, Any]:
-    """Probabilities, closed-set predictions, OOD scores (and embeddings) for an :class:`ImageArray`."""
+def predict(config: CifarConfig, model: nn.Module, array, device, head: HALOHead | None = None) -> dict[str, Any]:
+    """Probabilities, closed-set predictions, OOD scores (and embeddings) for an :class:`ImageArray`; HALO's
+    through ``head``, CCE's from the logits."""
     from ..data.arrays import AugmentedBatches
 
     model.eval()
     cuda = device.type == "cuda"
-    head = HALOHead.from_trained(model, criterion) if config.loss == "halo" else None
     batches = []
     for x, _ in AugmentedBatches(array, 512, CIFAR_MEAN, CIFAR_STD, device, channels_last=cuda).epoch():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -263,10 +275,21 @@ def predict(config: CifarConfig, model: nn.Module, criterion: nn.Module, array, 
 
 
 def evaluate(config: CifarConfig, model, criterion, data: CifarData, device) -> dict[str, Any]:
-    result = evaluate_classifier(lambda array: predict(config, model, criterion, array, device), data.test,
+    """The published table's measures, then the decision: HALO's sink (and every score of both losses)
+    calibrated on the held-out split and measured on the test split and every OOD set."""
+    from .classification import calibrated_heads, decision_metrics
+
+    head = HALOHead.from_trained(model, criterion).to(device) if config.loss == "halo" else None
+    held_out = predict(config, model, data.calibration, device, head)
+    held_out_ood = {name: predict(config, model, array, device, head) for name, array in data.calibration_ood.items()}
+    heads = calibrated_heads(head, held_out, held_out_ood, config.keep) if head is not None else {}
+    head = heads.get(config.decision)
+    result = evaluate_classifier(lambda array: predict(config, model, array, device, head), data.test,
                                  data.test.labels, {**data.near, **data.far}, near=list(data.near), far=list(data.far))
-    result["metrics"].update(n_train=len(data.train), n_test=len(data.test))
-    result["labels"] = data.test.labels
+    result["metrics"].update(n_train=len(data.train), n_test=len(data.test), n_calibration=len(data.calibration))
+    result["metrics"]["decision"] = decision_metrics(result, data.test.labels, held_out, held_out_ood, config.keep,
+                                                     heads, primary=config.decision)
+    result.update(labels=data.test.labels, head=head)
     result["centroids"] = model.centered_centroids().detach().float().cpu() if config.loss == "halo" else None
     return result
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Collection
 
 from .._validation import check_device
+from ..inference import DECISION_RULES
 from .cifar_report import LOSSES
 from .options import add_dataclass_arguments, option
 
@@ -65,7 +66,21 @@ class CifarConfig:
     momentum: float = option(0.9, "SGD (Nesterov) momentum")
     weight_decay: float = option(5e-4, "on the network and centroids (none on HALO's temperature)")
     warmup_epochs: int = option(1, "linear warm-up before the cosine decay")
+    temperature_lr: float = option(1.0, "HALO's temperature learns at this multiple of the learning rate")
+    temperature_schedule: str = option("cosine", "HALO's temperature rate: decays with the network's (cosine) or "
+                                                 "stays at its peak after the warm-up (constant), free to grow late",
+                                       choices=("cosine", "constant"))
     label_smoothing: float = option(0.1, "both losses")
+    calibration_split: float = option(0.1, "share of each class's training images held out (never trained on) "
+                                           "to set the decision: HALO's sink, CCE's thresholds; in (0, 1)")
+    calibration_ood: list[str] = option([], "held-out OOD sets (like --near-ood) for the decision: thresholds "
+                                            "then separate them from the held-out ID images instead of keeping "
+                                            "--keep of those; never the test OOD sets")
+    keep: float = option(0.95, "the decision keeps this share of the held-out ID images (without "
+                               "--calibration-ood); in (0, 1]")
+    decision: str = option("sink", "HALO's decision: the sink against the classes (the K+1 argmax) with a "
+                                   "calibrated bias, or also a limit on the distance to the nearest prototype",
+                           choices=DECISION_RULES)
     train_limit: int | None = option(None, "train on a fixed random subset of this many images")
     test_limit: int | None = option(None, "evaluate on a fixed random subset of this many test images")
     ood_limit: int | None = option(None, "images per OOD set")
@@ -106,6 +121,22 @@ def validate(config: CifarConfig) -> None:
         raise ValueError(f"--embed-dim must be >= 2, got {config.embed_dim}")
     if config.init_gamma is not None and not config.init_gamma > 0:
         raise ValueError(f"--init-gamma must be a positive temperature or 'reference', got {config.init_gamma}")
+    if not (config.temperature_lr >= 0.0 and config.temperature_lr != float("inf")):
+        raise ValueError(f"--temperature-lr must be a finite number >= 0, got {config.temperature_lr}")
+    if config.temperature_schedule not in ("cosine", "constant"):
+        raise ValueError(f"--temperature-schedule must be cosine or constant, got {config.temperature_schedule!r}")
+    if not 0.0 < config.calibration_split < 1.0:
+        raise ValueError(f"--calibration-split must be in (0, 1), got {config.calibration_split}")
+    tested = set(config.near_ood or ["cifar100" if config.dataset == "cifar10" else "cifar10"]) | \
+        set(config.far_ood or ["svhn"])
+    for spec in config.calibration_ood:
+        if spec in tested:
+            raise ValueError(f"--calibration-ood {spec} is also a test OOD set: the decision would be set on "
+                             "the images it is measured on")
+    if not 0.0 < config.keep <= 1.0:
+        raise ValueError(f"--keep must be in (0, 1], got {config.keep}")
+    if config.decision not in DECISION_RULES:
+        raise ValueError(f"--decision must be one of {DECISION_RULES}, got {config.decision!r}")
     if config.device is not None:
         check_device("--device", config.device)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..eval import mean_std
+from .classification import decision_markdown, decision_rows, decision_rule_text
 
 if TYPE_CHECKING:
     from .cifar import CifarConfig
@@ -61,15 +62,34 @@ def table_rows(data_names: tuple[list[str], list[str]]) -> list[tuple[str, str]]
     ]
 
 
+def decision_flat(decision: dict[str, Any], near: Sequence[str], far: Sequence[str]) -> dict[str, float]:
+    """Each decision's rates as flat numbers: ``<kind>[<name>] <measure>`` with near/far averaged over sets."""
+    values: dict[str, float] = {}
+    for kind, group in (("rule", decision["rules"]), ("score", decision["scores"])):
+        for name, rates in group.items():
+            prefix = f"{kind}[{name}]"
+            values[f"{prefix} id_kept"] = rates["id_kept"]
+            values[f"{prefix} accepted_accuracy"] = rates["accepted_accuracy"] or 0.0
+            values[f"{prefix} near_rejected"] = sum(rates["ood_rejected"][n] for n in near) / len(near)
+            values[f"{prefix} far_rejected"] = sum(rates["ood_rejected"][n] for n in far) / len(far)
+            if rates.get("aurc") is not None:
+                values[f"{prefix} aurc"] = rates["aurc"]
+    return values
+
+
 def _strip(result: dict[str, Any]) -> dict[str, Any]:
     return {"metrics": result["metrics"], "calibration": result["calibration"].to_dict()}
 
 
 def write_run_report(run_dir: Path, config: CifarConfig, result: dict[str, Any]) -> Path:
-    from ..eval import embedding_pca, reliability_diagram, score_histograms, write_report
+    from ..eval import embedding_pca, reliability_diagram, risk_coverage, risk_coverage_curves, score_histograms
+    from ..eval import write_report
 
     m = result["metrics"]
     score = PRIMARY_SCORE[config.loss]
+    correct = result["known"]["pred"] == result["labels"]
+    risk_coverage_curves({f"`{name}`": risk_coverage(values, correct) for name, values in result["known"]["scores"].items()},
+                         run_dir / "risk_coverage.png", f"{config.loss.upper()}: risk-coverage")
     reliability_diagram(result["calibration"], run_dir / "reliability.png", f"{config.loss.upper()}: reliability")
     score_histograms(result["known"]["scores"][score], {n: u["scores"][score] for n, u in result["unseen"].items()},
                      run_dir / "scores.png", f"{config.loss.upper()}: {score}")
@@ -79,9 +99,12 @@ def write_run_report(run_dir: Path, config: CifarConfig, result: dict[str, Any])
         f"`{config.loss}` on {config.dataset} ({m['n_train']} training / {m['n_test']} test images), ResNet-18 "
         f"width {config.width}, {config.epochs} epochs, batch {config.batch_size}, seed {config.seed}.\n",
         f"ID accuracy {100 * m['accuracy']:.2f} %, ECE {m['ece']:.4f}.\n",
+        f"## The decision\n\n{decision_rule_text(m['decision'])}; measured on the test split and every OOD set.\n\n"
+        + decision_markdown(decision_rows(config.loss, m["decision"])),
         "## OOD, every score function\n\n" + result["ood"].to_markdown(),
     ]
-    plots = {"Reliability": "reliability.png", f"{score} on ID vs OOD": "scores.png", "Embeddings": "pca.png"}
+    plots = {"Reliability": "reliability.png", f"{score} on ID vs OOD": "scores.png", "Embeddings": "pca.png",
+             "Risk-coverage": "risk_coverage.png"}
     return write_report(run_dir, f"CIFAR recipe: {config.loss} on {config.dataset}", {**_strip(result), "config": asdict(config)},
                         sections, plots)
 
@@ -102,6 +125,9 @@ def write_comparison(configs: Sequence[CifarConfig], results: Sequence[dict[str,
         + ("; the published columns are the reference's ResNet-18 results (FPR@95 assumed ID-kept; the OOD sets "
            "there are the full test sets).\n" if config.dataset in PUBLISHED else ".\n"),
         "## The published table's layout\n\n" + side_by_side(columns, table_rows((first["near"], first["far"]))),
+        f"## The decision\n\n{decision_rule_text(first['decision'])}; measured on the test split and every OOD "
+        "set.\n\n" + decision_markdown([row for c, r in zip(configs, results)
+                                          for row in decision_rows(c.loss, r["metrics"]["decision"])]),
     ]
     for c, r in zip(configs, results):
         sections.append(f"## {c.loss.upper()}: every score function\n\n" + r["ood"].to_markdown())
@@ -114,7 +140,7 @@ def write_comparison(configs: Sequence[CifarConfig], results: Sequence[dict[str,
 def seed_metrics(result: dict[str, Any], loss: str) -> dict[str, float]:
     """One run's headline rows plus every score function's far- and near-OOD AUROC (``far_auroc[score]``)."""
     m = result["metrics"]
-    values = headline(result, loss)
+    values = {**headline(result, loss), **decision_flat(m["decision"], m["near"], m["far"])}
     for score, per_set in m["ood"].items():
         for group in ("far", "near"):
             values[f"{group}_auroc[{score}]"] = sum(per_set[n]["auroc"] for n in m[group]) / len(m[group])
@@ -139,6 +165,12 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
     scores = [[f"{loss.upper()} `{key.split('[')[1][:-1]}`", cell(key, summary[loss][key]),
                cell(key.replace("far", "near", 1), summary[loss][key.replace("far", "near", 1)])]
               for loss in runs for key in summary[loss] if key.startswith("far_auroc[")]
+    decisions = sorted({key.split(" ")[0] for per in runs.values() for key in per[0] if key.startswith(("rule[", "score["))},
+                       key=lambda name: (not name.startswith("rule["), name))
+    measures = ("id_kept", "accepted_accuracy", "aurc", "near_rejected", "far_rejected")
+    decision_table = [[f"{loss.upper()} " + (f"decision `{d[5:-1]}`" if d.startswith("rule[") else f"`{d[6:-1]}` thresholded")]
+                      + [cell(m, summary[loss][f"{d} {m}"]) if f"{d} {m}" in summary[loss] else "-" for m in measures]
+                      for loss in runs for d in decisions if f"{d} id_kept" in summary[loss]]
     per_seed = [[f"{loss.upper()} seed {seed}"] + [format_value(k, run[k]) for k in ("accuracy", "ece", "far_auroc", "near_auroc")]
                 for loss, per in runs.items() for seed, run in zip(seeds, per)]
     sections = [
@@ -148,6 +180,11 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
         "deviations are over seeds (sample std). OOD score: CCE `msp`, HALO `not_abstain`.\n",
         "## The published table's layout\n\n" + markdown_table(header, rows),
         "## AUROC % of every score function (far, near)\n\n" + markdown_table(["loss, score", "far-OOD", "near-OOD"], scores),
+        "## The decision\n\nEach score function of each loss thresholded on the held-out training images "
+        "(never trained on), by the same rule for every row, and HALO's calibrated decision; measured on the test "
+        "split and on the near- and far-OOD sets (rejected % averaged over the sets of a group).\n\n"
+        + markdown_table(["decision", "ID test kept %", "accuracy of accepted %", "AURC % (lower = better)",
+                          "near-OOD rejected %", "far-OOD rejected %"], decision_table),
         "## Each seed\n\n" + markdown_table(["run", "accuracy %", "ECE", "far AUROC %", "near AUROC %"], per_seed),
     ]
     payload = {"seeds": list(seeds), "config": asdict(config),

@@ -8,14 +8,17 @@ torch and every accelerator); run folders, checkpoints and logs from
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 __all__ = ["print_reports", "recipe_main", "warmup_cosine"]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR over ``warmup`` steps, then cosine decay to 0 at ``total``.
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                  constant_groups: Sequence[int] = ()) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR over ``warmup`` steps, then cosine decay to 0 at ``total``
+    (the parameter groups in ``constant_groups`` stay at their base LR after the warm-up).
 
     transformers' ``get_cosine_schedule_with_warmup`` differs in one step: its
     first step has learning rate 0 (a step wasted); this one reaches the base
@@ -29,7 +32,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def constant(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    if not constant_groups:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    factors = [constant if i in constant_groups else factor for i in range(len(optimizer.param_groups))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def print_reports(configs, results, write_comparison) -> int:
