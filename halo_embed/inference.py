@@ -126,8 +126,10 @@ class HALOPrediction:
 
     Attributes:
         probs: ``(N, K+1)`` softmax over the classes and the sink (last column).
-        labels: ``(N,)`` long, the predicted class label, or :data:`ABSTAIN`.
-        abstained: ``(N,)`` bool, the sink has the largest probability.
+        labels: ``(N,)`` long, the predicted class label, or :data:`ABSTAIN` where the decision declines.
+        abstained: ``(N,)`` bool, the decision declines: the sink's decision bias beats every class logit
+            (before :meth:`HALOHead.calibrate`: the sink has the largest probability), or the input is beyond
+            the calibrated distance limit.
         scores: name -> ``(N,)`` OOD score, larger = more in-distribution
             (see :data:`HALO_SCORE_DESCRIPTIONS`).
         logits: ``(N, K+1)`` shifted logits (last column = abstain bias).

@@ -63,3 +63,18 @@ def test_every_finetune_field_is_an_option_and_back():
     assert (halo.loss, clip.loss) == ("halo", "clip") and halo.logs.startswith("elsewhere")
     assert not halo.distill and halo.ood_data == ["a"] and halo.max_steps == 3 and halo.grad_clip_norm == 0.5
     assert halo.lock_text and not halo.lock_image
+
+
+def test_resume_help_lists_what_a_resume_may_change():
+    """Both recipes' --help name every option a resume may change, as the user spells it."""
+    import argparse
+
+    from halo_embed.recipes import cifar_config, finetune_config
+
+    for module in (cifar_config, finetune_config):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        text = " ".join(next(a.help for a in parser._actions if a.dest == "resume").split())
+        flags = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
+        assert all(any(f"{flag}," in f"{text}," for flag in flags[name]) for name in module.RESUMABLE_OPTIONS), text
+        assert "--no-progress" in text and "--progress" not in text.replace("--no-progress", "")

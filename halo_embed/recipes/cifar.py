@@ -59,7 +59,7 @@ from torch import nn
 from .. import HALOHead, HALOLoss, HALOModel
 from ..io import atomic_write_json
 from .classification import concatenate, evaluate_classifier, predictions
-from .cifar_config import CifarConfig, add_arguments, apply_preset, validate
+from .cifar_config import RESUMABLE_OPTIONS, CifarConfig, add_arguments, apply_preset, validate
 from .cifar_report import LOSSES, seed_metrics, write_comparison, write_run_report, write_seed_comparison
 from .common import print_reports, recipe_main, warmup_cosine
 from .options import dataclass_from_args, given_options
@@ -154,9 +154,6 @@ def check_run_folder(config: CifarConfig) -> None:
     refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoint.pt"])
 
 
-#: options that may differ when a run is resumed (the rest define the run and must be the run's)
-RESUMABLE_OPTIONS = ("epochs", "device", "progress", "seeds", "preset", "download", "data_dir",
-                     "near_ood", "far_ood", "ood_limit", "name", "output", "calibration_ood", "keep", "decision")
 
 
 def train(config: CifarConfig, data: CifarData | None = None) -> dict[str, Any]:

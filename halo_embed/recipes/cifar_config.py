@@ -10,7 +10,7 @@ from typing import Any, Collection
 from .._validation import check_device
 from ..inference import DECISION_RULES
 from .cifar_report import LOSSES
-from .options import add_dataclass_arguments, option
+from .options import add_dataclass_arguments, option, resume_help
 
 __all__ = ["DATASETS", "PRESETS", "CifarConfig", "add_arguments", "apply_preset", "parse_init_gamma", "validate"]
 
@@ -29,6 +29,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": {"width": 16, "epochs": 6, "train_limit": None, "test_limit": 2000, "ood_limit": 1000,
               "batch_size": 128},
 }
+
+
+#: options that may differ when a run is resumed (the rest define the run and must be the run's)
+RESUMABLE_OPTIONS = ("epochs", "device", "progress", "seeds", "preset", "download", "data_dir",
+                     "near_ood", "far_ood", "ood_limit", "name", "output", "calibration_ood", "keep", "decision")
 
 
 def parse_init_gamma(text: str) -> float | None:
@@ -91,7 +96,7 @@ class CifarConfig:
     device: str | None = option(None, "default: cuda if available")
     output: str = option("runs", "folder for run folders")
     name: str | None = option(None, "run folder name (default: cifar-<dataset>)")
-    resume: str | None = option(None, "a checkpoint.pt, or 'latest' (this run's)")
+    resume: str | None = option(None, resume_help("a checkpoint.pt", RESUMABLE_OPTIONS))
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))
 
     def run_dir(self) -> Path:

@@ -70,7 +70,7 @@ import torch
 
 from ..io import atomic_write_json
 from .common import print_reports, recipe_main, warmup_cosine
-from .finetune_config import AUTOCAST, FinetuneConfig, add_arguments, configs_from_args, validate
+from .finetune_config import AUTOCAST, RESUMABLE_OPTIONS, FinetuneConfig, add_arguments, configs_from_args, validate
 from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, split_calibration, training_loader,
                             zeroshot_data_for)
 from .finetune_report import calibrate_model, evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
@@ -177,12 +177,6 @@ def attach_feature_cache(model, config: FinetuneConfig, training: bool) -> None:
 _FEATURE_CACHES: dict[Path, Any] = {}
 
 
-#: options that may differ when a run is resumed (the rest define the run and must be the run's): how long
-#: it goes on, how it logs and saves, and what the final evaluation looks at
-RESUMABLE_OPTIONS = ("max_steps", "epochs", "log_every", "save_every", "save_frequency", "keep_checkpoints",
-                     "progress", "report_to", "workers", "feature_cache", "strict_images", "eval_images",
-                     "ood_data", "zeroshot_data", "zeroshot_classnames", "zeroshot_templates", "zeroshot_images",
-                     "wise_ft", "name", "logs")  # the last two: continuing a checkpoint in another folder
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:

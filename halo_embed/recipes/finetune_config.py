@@ -19,7 +19,7 @@ import torch
 
 from ..clip.backbones import PRECISION_NAMES
 from ..data.images import DEFAULT_MAX_PIXELS
-from .options import add_dataclass_arguments, dataclass_from_args, given_options, option
+from .options import add_dataclass_arguments, dataclass_from_args, given_options, option, resume_help
 
 LOSSES = ("halo", "clip", "siglip")
 #: open_clip's --precision values (their weight dtypes: halo_embed.clip.backbones.WEIGHT_DTYPES) and the
@@ -43,6 +43,14 @@ def optional_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+#: options that may differ when a run is resumed (the rest define the run and must be the run's): how long
+#: it goes on, how it logs and saves, and what the final evaluation looks at
+RESUMABLE_OPTIONS = ("max_steps", "epochs", "log_every", "save_every", "save_frequency", "keep_checkpoints",
+                     "progress", "report_to", "workers", "feature_cache", "strict_images", "eval_images",
+                     "ood_data", "zeroshot_data", "zeroshot_classnames", "zeroshot_templates", "zeroshot_images",
+                     "wise_ft", "name", "logs")  # the last two: continuing a checkpoint in another folder
 
 
 @dataclass
@@ -193,7 +201,7 @@ class FinetuneConfig:
     wise_ft: list[float] = option([], "WiSE-FT: after training, interpolate the initial and the fine-tuned "
                                       "weights at each alpha (0 = initial, 1 = fine-tuned), evaluate and save each "
                                       "(see halo-embed wise-ft)")
-    resume: str | None = option(None, "a checkpoint folder, or 'latest' (this run's)")
+    resume: str | None = option(None, resume_help("a checkpoint folder", RESUMABLE_OPTIONS))
     eval_images: int = option(500, "validation images evaluated (and OOD images per set; halo-embed's own option, open_clip: "
                                    "--val-num-samples)")
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))

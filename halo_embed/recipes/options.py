@@ -28,7 +28,7 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
-__all__ = ["add_dataclass_arguments", "dataclass_from_args", "given_options", "option"]
+__all__ = ["add_dataclass_arguments", "dataclass_from_args", "given_options", "option", "resume_help"]
 
 _GIVEN = "given_options"
 
@@ -93,6 +93,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default is not None and help_text and "default" not in help_text:  # some helps say it themselves
             kwargs["help"] = f"{help_text} (default: {default})"
         parser.add_argument(*(meta.get("flags") or (dashed,)), **kwargs)
+
+
+def resume_help(what: str, resumable: Sequence[str]) -> str:
+    """``--resume``'s help: what it takes and the options a resume may change (the rest define the run)."""
+    flags = ", ".join("--no-progress" if name == "progress" else f"--{name.replace('_', '-')}" for name in resumable)
+    return f"{what}, or 'latest' (this run's); a resume continues the run as it was started and may change only {flags}"
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
