@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from halo_embed import HALOHead, geometry
-from halo_embed.eval import aurc, best_threshold, decision_rates, keep_threshold, risk_coverage, thresholded_decisions
+from halo_embed.eval import (aurc, best_threshold, decision_rates, excess_aurc, keep_threshold, risk_coverage,
+                             thresholded_decisions)
 
 
 def slow_aurc(scores, correct):
@@ -163,3 +164,11 @@ def test_calibrate_refuses_bad_input_and_changes_nothing():
         head.calibrate(torch.full((4, 8), float("nan")))
     assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items() if isinstance(v, torch.Tensor))
     assert head.calibration.rule == "reference"
+
+
+def test_excess_aurc_takes_the_error_rate_out():
+    correct = np.r_[np.ones(80, bool), np.zeros(20, bool)]
+    assert excess_aurc(-np.arange(100.0), correct) == pytest.approx(0.0)  # a perfect ranking
+    assert excess_aurc(np.arange(100.0), correct) > excess_aurc(np.zeros(100), correct) > 0
+    optimal = sum((k - 80) / k for k in range(81, 101)) / 100  # errors among the k most confident, k > 80
+    assert excess_aurc(np.zeros(100), correct) == pytest.approx(0.2 - optimal)

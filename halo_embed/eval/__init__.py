@@ -20,7 +20,7 @@ from .plots import embedding_pca, reliability_diagram, risk_coverage_curves, roc
 from .report import format_value, markdown_table, side_by_side, write_report
 from .retrieval import SearchResult, VectorIndex, import_faiss, retrieval_recall
 from .search import RejectionIndex, RejectionResult
-from .selective import aurc, decision_rates, keep_threshold, risk_coverage, thresholded_decisions
+from .selective import aurc, decision_rates, excess_aurc, keep_threshold, risk_coverage, thresholded_decisions
 
 __all__ = [
     "CalibrationResult",
@@ -38,6 +38,7 @@ __all__ = [
     "decision_rates",
     "embedding_pca",
     "evaluate_ood",
+    "excess_aurc",
     "expected_calibration_error",
     "format_value",
     "fpr_at_tpr",

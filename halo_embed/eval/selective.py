@@ -25,7 +25,7 @@ import numpy as np
 
 from .metrics import _as_array, _as_flags, best_threshold
 
-__all__ = ["aurc", "decision_rates", "keep_threshold", "risk_coverage", "thresholded_decisions"]
+__all__ = ["aurc", "decision_rates", "excess_aurc", "keep_threshold", "risk_coverage", "thresholded_decisions"]
 
 
 def _check_keep(keep: float) -> float:
@@ -84,6 +84,16 @@ def aurc(scores: Any, correct: Any) -> float:
     return float(np.sum(counts * risk))
 
 
+def excess_aurc(scores: Any, correct: Any) -> float:
+    """:func:`aurc` minus the AURC of a perfect ranking of the same predictions (E-AURC; Geifman et al., "Bias-
+    reduced uncertainty estimation for deep neural classifiers", ICLR 2019): the ranking's own share, with the
+    classifier's error rate taken out, so that two classifiers of different accuracy compare."""
+    right = _as_flags("correct", correct)
+    perfect = np.empty(len(right))
+    perfect[np.argsort(~right, kind="stable")] = np.arange(len(right), 0, -1)  # right first, no ties
+    return aurc(scores, right) - aurc(perfect, right)
+
+
 def decision_rates(id_accept: Any, correct: Any, ood_accept: Mapping[str, Any]) -> dict[str, Any]:
     """What a decision did on the test split: ``id_kept`` (coverage), ``accepted_accuracy`` (of the kept ID
     inputs; ``None`` when none is kept), ``overall_accuracy`` and ``ood_rejected[name]`` per OOD set."""
@@ -113,7 +123,7 @@ def thresholded_decisions(calibration_scores: Mapping[str, Any], test_scores: Ma
             balanced accuracy between the held-out ID and OOD inputs instead.
 
     Returns:
-        score name -> ``threshold``, ``rule``, :func:`decision_rates` and ``aurc``.
+        score name -> ``threshold``, ``rule``, :func:`decision_rates`, ``aurc`` and ``excess_aurc``.
     """
     results = {}
     for name, held_out in calibration_scores.items():
@@ -125,5 +135,6 @@ def thresholded_decisions(calibration_scores: Mapping[str, Any], test_scores: Ma
         test = _as_array(f"test_scores[{name!r}]", test_scores[name])
         rates = decision_rates(test >= threshold, correct,
                                {s: _as_array(f"ood_scores[{s!r}]", v[name]) >= threshold for s, v in ood_scores.items()})
-        results[name] = {"threshold": threshold, "rule": rule, **rates, "aurc": aurc(test, correct)}
+        results[name] = {"threshold": threshold, "rule": rule, **rates, "aurc": aurc(test, correct),
+                         "excess_aurc": excess_aurc(test, correct)}
     return results

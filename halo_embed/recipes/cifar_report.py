@@ -72,8 +72,9 @@ def decision_flat(decision: dict[str, Any], near: Sequence[str], far: Sequence[s
             values[f"{prefix} accepted_accuracy"] = rates["accepted_accuracy"] or 0.0
             values[f"{prefix} near_rejected"] = sum(rates["ood_rejected"][n] for n in near) / len(near)
             values[f"{prefix} far_rejected"] = sum(rates["ood_rejected"][n] for n in far) / len(far)
-            if rates.get("aurc") is not None:
-                values[f"{prefix} aurc"] = rates["aurc"]
+            for key in ("aurc", "excess_aurc"):
+                if rates.get(key) is not None:
+                    values[f"{prefix} {key}"] = rates[key]
     return values
 
 
@@ -167,7 +168,7 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
               for loss in runs for key in summary[loss] if key.startswith("far_auroc[")]
     decisions = sorted({key.split(" ")[0] for per in runs.values() for key in per[0] if key.startswith(("rule[", "score["))},
                        key=lambda name: (not name.startswith("rule["), name))
-    measures = ("id_kept", "accepted_accuracy", "aurc", "near_rejected", "far_rejected")
+    measures = ("id_kept", "accepted_accuracy", "aurc", "excess_aurc", "near_rejected", "far_rejected")
     decision_table = [[f"{loss.upper()} " + (f"decision `{d[5:-1]}`" if d.startswith("rule[") else f"`{d[6:-1]}` thresholded")]
                       + [cell(m, summary[loss][f"{d} {m}"]) if f"{d} {m}" in summary[loss] else "-" for m in measures]
                       for loss in runs for d in decisions if f"{d} id_kept" in summary[loss]]
@@ -182,8 +183,10 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
         "## AUROC % of every score function (far, near)\n\n" + markdown_table(["loss, score", "far-OOD", "near-OOD"], scores),
         "## The decision\n\nEach score function of each loss thresholded on the held-out training images "
         "(never trained on), by the same rule for every row, and HALO's calibrated decision; measured on the test "
-        "split and on the near- and far-OOD sets (rejected % averaged over the sets of a group).\n\n"
-        + markdown_table(["decision", "ID test kept %", "accuracy of accepted %", "AURC % (lower = better)",
+        "split and on the near- and far-OOD sets (rejected % averaged over the sets of a group). AURC: area under "
+        "the risk-coverage curve, lower is better; E-AURC: the same less a perfect ranking's, so that losses of "
+        "different accuracy compare.\n\n"
+        + markdown_table(["decision", "ID test kept %", "accuracy of accepted %", "AURC %", "E-AURC %",
                           "near-OOD rejected %", "far-OOD rejected %"], decision_table),
         "## Each seed\n\n" + markdown_table(["run", "accuracy %", "ECE", "far AUROC %", "near AUROC %"], per_seed),
     ]

@@ -125,7 +125,7 @@ def decision_rows(loss: str, decision: dict[str, Any]) -> list[tuple[str, dict[s
     function thresholded by the same rule (:func:`~halo_embed.recipes.classification.decision_metrics`)."""
     note = lambda rule: (" (the run's)" if rule == decision["primary"] else  # noqa: E731
                          " (the loss's constant bias, uncalibrated)" if rule == "reference" else "")
-    rows = [(f"{loss.upper()} decision `{rule}`{note(rule)}", {**rates, "aurc": None})
+    rows = [(f"{loss.upper()} decision `{rule}`{note(rule)}", {**rates, "aurc": None, "excess_aurc": None})
             for rule, rates in decision["rules"].items()]
     rows += [(f"{loss.upper()} `{score}` thresholded", rates) for score, rates in decision["scores"].items()]
     return rows
@@ -136,10 +136,11 @@ def decision_markdown(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     from ..eval import format_value, markdown_table
 
     sets = list(rows[0][1]["ood_rejected"])
-    header = ["decision", "ID test kept %", "accuracy of accepted %", "AURC % (lower = better)"] + \
+    header = ["decision", "ID test kept %", "accuracy of accepted %", "AURC %", "E-AURC %"] + \
         [f"{name} rejected %" for name in sets]
     body = [[label, format_value("kept", r["id_kept"]), format_value("accuracy", r["accepted_accuracy"]),
-             format_value("aurc", r["aurc"])] + [format_value("rejected", r["ood_rejected"][n]) for n in sets]
+             format_value("aurc", r["aurc"]), format_value("aurc", r.get("excess_aurc"))]
+            + [format_value("rejected", r["ood_rejected"][n]) for n in sets]
             for label, r in rows]
     return markdown_table(header, body)
 
