@@ -8,9 +8,12 @@ The symmetric term scores each caption against the batch's images. Targets are
 HALO's teacher-free soft targets (or label smoothing), the sink's target is 0,
 and the radial NLL keeps each image on a shell around its own caption.
 
-A model trained this way rejects a mismatched caption with a built-in
-threshold: the pair (image, caption) is accepted when the caption's logit beats
-the sink's, i.e. ``sigmoid(shifted - abstain_bias) > 0.5``.
+A model trained this way can reject a mismatched caption: the pair (image,
+caption) is accepted when the caption's logit for the image on the unit shell
+reaches the sink's, the one rule :func:`halo_embed.geometry.pair_decision`
+(``logit >= bias``, ``p = sigmoid(logit - bias) >= 0.5``) with the bias and
+temperature of the model's :class:`~halo_embed.clip.decision.PairDecision`:
+this loss's constant ``abstain_bias`` until one is fitted on held-out pairs.
 """
 
 from __future__ import annotations
