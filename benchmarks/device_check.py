@@ -195,7 +195,7 @@ def cifar_compare(device: torch.device, source: Path | None, seconds: float, dry
     # the probe: one epoch on a tenth of the images (after a warm-up epoch of the kernels' autotuning)
     tenth = CifarData(data.train.subset(max(len(data.train) // 10, base.batch_size)), data.test.subset(256),
                       {k: v.subset(64) for k, v in data.near.items()}, {k: v.subset(64) for k, v in data.far.items()},
-                      data.classes)
+                      data.classes, data.calibration.subset(256))
     train(replace(base, loss="halo", name="warmup"), tenth)
     start = time.perf_counter()
     train(replace(base, loss="halo", name="probe"), tenth)

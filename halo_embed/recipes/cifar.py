@@ -276,6 +276,8 @@ def evaluate(config: CifarConfig, model, criterion, data: CifarData, device) -> 
     calibrated on the held-out split and measured on the test split and every OOD set."""
     from .classification import calibrated_heads, decision_metrics
 
+    if data.calibration is None or len(data.calibration) == 0:
+        raise ValueError("data.calibration is empty: the decision is set on held-out images (load_data makes them)")
     head = HALOHead.from_trained(model, criterion).to(device) if config.loss == "halo" else None
     held_out = predict(config, model, data.calibration, device, head)
     held_out_ood = {name: predict(config, model, array, device, head) for name, array in data.calibration_ood.items()}
