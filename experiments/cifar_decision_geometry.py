@@ -9,8 +9,8 @@ and 5 % / 95 % quantiles of the three quantities the decision is made of:
 * the sink margin ``g (|x|^2 - min_k |x - c_k|^2) / D`` (the largest shifted class logit): the calibrated
   sink declines an input when it falls below the decision bias (also printed);
 
-and the share of each set the calibrated sink declines. With ``--compare-cce`` it also prints the share each
-of a cross-entropy run's scores (same seed) declines at its own held-out 95 % threshold.
+and the share of each set the calibrated sink declines (the cross-entropy run's shares at its own held-out
+threshold are in the recipe's report).
 
 Usage (seconds on 2 CPU cores, after ``experiments/cifar_recipe.sh``):
 

@@ -278,7 +278,19 @@ def pair_decision(mean_sq_distances: Tensor, temperature: Tensor | float,
         ``(logit, probability, accept)``, each of the input's shape.
     """
     logit = unit_shell_logits(mean_sq_distances, temperature)
-    return logit, torch.sigmoid(logit - bias), logit >= bias
+    return logit, pair_probability(logit, bias), pair_accepts(logit, bias)
+
+
+def pair_accepts(logit: Tensor, bias: Tensor | float) -> Tensor:
+    """Accept a pair (any shape -> bool): the caption's logit is not below the sink's, the two-candidate case
+    of :func:`abstain_mask` (a tie accepts)."""
+    return ~abstain_mask(logit.unsqueeze(-1), bias)
+
+
+def pair_probability(logit: Tensor, bias: Tensor | float) -> Tensor:
+    """``p(aligned) = sigmoid(logit - bias)``: the caption's share of the two-candidate softmax
+    ``[caption, sink]`` (any shape; saturates to 0 or 1, never NaN, for finite or infinite logits)."""
+    return torch.sigmoid(logit - bias)
 
 
 def true_logits(shifted: Tensor, embeddings: Tensor, temperature: Tensor) -> Tensor:

@@ -257,12 +257,12 @@ class HALOHead(nn.Module):
             ood = self._decision_scores(ood_embeddings)
             bias, limit = _separating_thresholds((sink, near), ood, rule == "sink+distance")
             fitted_on = f"best balanced accuracy on {len(sink)} held-out ID and {len(ood[0])} OOD inputs"
-        accepted = lambda scores: (scores[0] >= bias) & (scores[1] >= -limit)  # noqa: E731
         self.decision_bias.fill_(bias)
         self.max_mean_sq_distance.fill_(limit)
+        declined = lambda x: float(self(x).abstained.double().mean())  # noqa: E731  (the decision as applied)
         self.calibration = AbstentionCalibration(
-            rule, fitted_on, bias, limit, float(accepted((sink, near)).double().mean()),
-            None if ood is None else float(1.0 - accepted(ood).double().mean()), len(sink),
+            rule, fitted_on, bias, limit, 1.0 - declined(embeddings),
+            None if ood_embeddings is None else declined(ood_embeddings), len(sink),
             0 if ood is None else len(ood[0]))
         return self.calibration
 

@@ -264,6 +264,9 @@ def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):
     report = (root / "report.md").read_text()
     assert "| metric | CCE (mean ± std) | HALO (mean ± std) | CCE (published) | HALO (published) |" in report
     assert "HALO seed 4" in report
+    assert "| noise (near) rejected % | grey (far) rejected % |" in report  # each OOD set, not a group mean
+    sink = payload["halo"]["per_seed"][0]
+    assert sink["rule[sink] far_rejected"] == sink["rule[sink] rejected[grey]"]
     checkpoint = root / "seed-4" / "halo" / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
     assert cifar.run(parse(argv)) == 0

@@ -49,6 +49,10 @@ def test_one_rule_judges_every_pair():
     assert accept.tolist() == [True, True, False, False] and (accept == (p >= 0.5)).all()
     assert geometry.pair_decision(torch.tensor(0.75), 10.0, 2.5)[2]  # a tie accepts
     assert PairDecision.from_dict(decision.to_dict()) == decision
+    # the pair's accept is the K = 1 case of the classifier's sink rule (one comparison with the bias)
+    logits = torch.tensor([[1.0], [2.0], [3.0]])
+    assert (geometry.pair_accepts(logits[:, 0], 2.0) == ~geometry.abstain_mask(logits, 2.0)).all()
+    assert geometry.pair_probability(torch.tensor([float("inf"), -float("inf")]), 1.0).tolist() == [1.0, 0.0]
 
 
 def test_fit_refuses_what_it_cannot_fit():

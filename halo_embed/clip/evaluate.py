@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import geometry
 from ..eval import best_threshold, binary_calibration, ood_metrics, retrieval_recall, threshold_accuracy
 from .backbones import move_tokens
 from .decision import PairDecision
@@ -69,9 +70,15 @@ class HALOView:
         """Accept a pair when its score is at least this (the decision's bias)."""
         return self.model.decision.bias
 
+    def accepts(self, scores: np.ndarray) -> np.ndarray:
+        """The built-in decision on pair scores (:func:`~halo_embed.geometry.pair_accepts`)."""
+        return geometry.pair_accepts(torch.as_tensor(np.asarray(scores, dtype=np.float64)),
+                                     self.model.decision.bias).numpy()
+
     def pair_probability(self, scores: np.ndarray) -> np.ndarray | None:
         """The built-in ``p(aligned)`` of pair scores."""
-        return 1.0 / (1.0 + np.exp(-(scores - self.model.decision.bias)))
+        logits = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+        return geometry.pair_probability(logits, self.model.decision.bias).numpy()
 
     def constant_threshold(self) -> float | None:
         """Where the fitted decision replaced HALO's constant one: the constant rule as a threshold on these
@@ -106,12 +113,21 @@ class CosineView:
         # sigmoid(scale * cos + bias) >= 0.5  <=>  cos >= -bias / scale
         return float(-self.logit_bias.detach() / self.logit_scale.detach().exp())
 
+    def accepts(self, scores: np.ndarray) -> np.ndarray:
+        """SigLIP's decision ``sigmoid(scale * cos + bias) >= 0.5`` (CLIP has none: not called)."""
+        return np.asarray(scores, dtype=np.float64) >= self.builtin_threshold()
+
     def pair_probability(self, scores: np.ndarray) -> np.ndarray | None:
         """SigLIP's ``sigmoid(scale * cos + bias)``; ``None`` for CLIP (no probability of a pair)."""
         if self.logit_bias is None or self.logit_scale is None:
             return None
         scale, bias = float(self.logit_scale.detach().exp()), float(self.logit_bias.detach())
         return 1.0 / (1.0 + np.exp(-(scale * scores + bias)))
+
+
+def _balanced_accuracy(aligned_accepted: np.ndarray, mismatched_accepted: np.ndarray) -> float:
+    """The mean of the aligned pairs' accepted share and the mismatched pairs' rejected share."""
+    return 0.5 * (float(aligned_accepted.mean()) + float((~mismatched_accepted).mean()))
 
 
 def view_of(model) -> HALOView | CosineView:
@@ -350,9 +366,10 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
         report_aligned, report_negatives = aligned[1::2], negatives[1::2]
         labels = np.r_[np.ones(len(report_aligned), dtype=np.int64), np.zeros(len(report_negatives), dtype=np.int64)]
         if builtin is not None:
-            metrics["builtin_threshold_accuracy"] = threshold_accuracy(report_aligned, report_negatives, builtin)
-            metrics["builtin_accept_aligned"] = float((aligned >= builtin).mean())
-            metrics["builtin_reject_mismatched"] = float((negatives < builtin).mean())
+            metrics["builtin_threshold_accuracy"] = _balanced_accuracy(view.accepts(report_aligned),
+                                                                       view.accepts(report_negatives))
+            metrics["builtin_accept_aligned"] = float(view.accepts(aligned).mean())
+            metrics["builtin_reject_mismatched"] = float((~view.accepts(negatives)).mean())
         probability = view.pair_probability(np.r_[report_aligned, report_negatives])
         if probability is not None:
             metrics.update({f"builtin_{k}": v for k, v in binary_calibration(probability, labels).items()})
@@ -366,8 +383,7 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
             a, b = rules["platt"]
             platt = 1.0 / (1.0 + np.exp(-(a * np.r_[report_aligned, report_negatives] + b)))
             accept = platt >= 0.5
-            metrics["platt_accuracy"] = 0.5 * (float(accept[:len(report_aligned)].mean())
-                                               + float((~accept[len(report_aligned):]).mean()))
+            metrics["platt_accuracy"] = _balanced_accuracy(accept[:len(report_aligned)], accept[len(report_aligned):])
             metrics.update({f"platt_{k}": v for k, v in binary_calibration(platt, labels).items()})
         rejection[name] = metrics
     return {

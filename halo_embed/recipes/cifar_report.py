@@ -63,7 +63,8 @@ def table_rows(data_names: tuple[list[str], list[str]]) -> list[tuple[str, str]]
 
 
 def decision_flat(decision: dict[str, Any], near: Sequence[str], far: Sequence[str]) -> dict[str, float]:
-    """Each decision's rates as flat numbers: ``<kind>[<name>] <measure>`` with near/far averaged over sets."""
+    """Each decision's rates as flat numbers: ``<kind>[<name>] <measure>``, the rejected share per OOD set
+    (``rejected[<set>]``) and averaged over each group (``near_rejected``, ``far_rejected``)."""
     values: dict[str, float] = {}
     for kind, group in (("rule", decision["rules"]), ("score", decision["scores"])):
         for name, rates in group.items():
@@ -72,6 +73,8 @@ def decision_flat(decision: dict[str, Any], near: Sequence[str], far: Sequence[s
             values[f"{prefix} accepted_accuracy"] = rates["accepted_accuracy"] or 0.0
             values[f"{prefix} near_rejected"] = sum(rates["ood_rejected"][n] for n in near) / len(near)
             values[f"{prefix} far_rejected"] = sum(rates["ood_rejected"][n] for n in far) / len(far)
+            for name in (*near, *far):
+                values[f"{prefix} rejected[{name}]"] = rates["ood_rejected"][name]
             for key in ("aurc", "excess_aurc"):
                 if rates.get(key) is not None:
                     values[f"{prefix} {key}"] = rates[key]
@@ -168,9 +171,11 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
               for loss in runs for key in summary[loss] if key.startswith("far_auroc[")]
     decisions = sorted({key.split(" ")[0] for per in runs.values() for key in per[0] if key.startswith(("rule[", "score["))},
                        key=lambda name: (not name.startswith("rule["), name))
-    measures = ("id_kept", "accepted_accuracy", "aurc", "excess_aurc", "near_rejected", "far_rejected")
+    near, far = set_names
+    measures = ("id_kept", "accepted_accuracy", "aurc", "excess_aurc", *(f"rejected[{name}]" for name in (*near, *far)))
     decision_table = [[f"{loss.upper()} " + (f"decision `{d[5:-1]}`" if d.startswith("rule[") else f"`{d[6:-1]}` thresholded")]
-                      + [cell(m, summary[loss][f"{d} {m}"]) if f"{d} {m}" in summary[loss] else "-" for m in measures]
+                      + [cell(m.split("[")[0], summary[loss][f"{d} {m}"]) if f"{d} {m}" in summary[loss] else "-"
+                         for m in measures]
                       for loss in runs for d in decisions if f"{d} id_kept" in summary[loss]]
     per_seed = [[f"{loss.upper()} seed {seed}"] + [format_value(k, run[k]) for k in ("accuracy", "ece", "far_auroc", "near_auroc")]
                 for loss, per in runs.items() for seed, run in zip(seeds, per)]
@@ -183,11 +188,11 @@ def write_seed_comparison(config: CifarConfig, runs: dict[str, list[dict[str, fl
         "## AUROC % of every score function (far, near)\n\n" + markdown_table(["loss, score", "far-OOD", "near-OOD"], scores),
         "## The decision\n\nEach score function of each loss thresholded on the held-out training images "
         "(never trained on), by the same rule for every row, and HALO's calibrated decision; measured on the test "
-        "split and on the near- and far-OOD sets (rejected % averaged over the sets of a group). AURC: area under "
-        "the risk-coverage curve, lower is better; E-AURC: the same less a perfect ranking's, so that losses of "
-        "different accuracy compare.\n\n"
-        + markdown_table(["decision", "ID test kept %", "accuracy of accepted %", "AURC %", "E-AURC %",
-                          "near-OOD rejected %", "far-OOD rejected %"], decision_table),
+        "split and on each OOD set. AURC: area under the risk-coverage curve, lower is better; E-AURC: the same "
+        "less a perfect ranking's, so that losses of different accuracy compare.\n\n"
+        + markdown_table(["decision", "ID test kept %", "accuracy of accepted %", "AURC %", "E-AURC %"]
+                         + [f"{name} (near) rejected %" for name in near]
+                         + [f"{name} (far) rejected %" for name in far], decision_table),
         "## Each seed\n\n" + markdown_table(["run", "accuracy %", "ECE", "far AUROC %", "near AUROC %"], per_seed),
     ]
     payload = {"seeds": list(seeds), "config": asdict(config),
