@@ -32,7 +32,6 @@ restricted to the 200 classes, the ImageNet classifier scored 19.3 % at 224 px, 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path

@@ -363,7 +363,7 @@ def test_cli_score_single_and_batch(tiny_model_dirs, tmp_path, run_cli):
         result = run_cli("score", "--checkpoint", str(ckpt), "--pairs", str(tmp_path / "long_caption.csv"),
                          "--output", str(out), *(["--strict-text"] if strict else []))
         assert result.returncode == code, result.stderr
-        assert f"long_caption.csv, line 3 (row 2): " in result.stderr and f"{context} tokens" in result.stderr
+        assert "long_caption.csv, line 3 (row 2): " in result.stderr and f"{context} tokens" in result.stderr
         assert "1 caption(s) longer than the text tower reads" in result.stderr
         rows_out = json.loads(out.read_text())["pairs"]
         assert rows_out[0]["truncated"] is False
