@@ -10,7 +10,10 @@ and 5 % / 95 % quantiles of the three quantities the decision is made of:
   sink declines an input when it falls below the decision bias (also printed);
 
 and the share of each set the calibrated sink declines (the cross-entropy run's shares at its own held-out
-threshold are in the recipe's report).
+threshold are in the recipe's report). Then how well each HALO score ranks the ID test images' errors for
+selective classification (AURC and E-AURC, lower is better): the sink's ``not_abstain``, ``msp`` of the K+1
+softmax with the loss's bias and with the calibrated bias, ``msp`` over the K classes alone, the top-1 minus
+top-2 logit and the sink margin.
 
 Usage (seconds on 2 CPU cores, after ``experiments/cifar_recipe.sh``):
 
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from halo_embed import HALOHead
+from halo_embed import HALOHead, geometry
+from halo_embed.eval.selective import aurc, excess_aurc
 from halo_embed.recipes.cifar import CifarConfig, build, load_data, predict
 from halo_embed.recipes.runs import load_state_file
 
@@ -66,6 +70,24 @@ def main() -> None:
         margin = g * (radius - nearest)
         declined = head(x.float()).abstained.float().mean().item()
         print(f"{name:22s} {quantiles(radius)} {quantiles(nearest)} {quantiles(margin)} {100 * declined:10.2f}")
+
+    x = predict(config, model, data.test, device, head)["embeddings"]
+    shifted = head.logits(x).double()[:, :-1]
+    correct = (shifted.argmax(dim=-1) == torch.as_tensor(data.test.labels)).numpy()
+    top_two = shifted.topk(2, dim=-1).values
+    class_prob = lambda bias: torch.softmax(geometry.with_abstain(shifted, bias), dim=-1)[:, :-1]  # noqa: E731
+    rankings = {
+        "not_abstain (the sink's score)": 1.0 - torch.softmax(geometry.with_abstain(shifted, head.abstain_bias.double()),
+                                                              dim=-1)[:, -1],
+        "msp, K+1, the loss's bias": class_prob(head.abstain_bias.double()).max(dim=-1).values,
+        "msp, K+1, the calibrated bias": class_prob(float(calibration.decision_bias)).max(dim=-1).values,
+        "msp over the K classes": torch.softmax(shifted, dim=-1).max(dim=-1).values,
+        "top-1 minus top-2 logit": top_two[:, 0] - top_two[:, 1],
+        "sink margin (top-1 logit)": top_two[:, 0],
+    }
+    print(f"\nranking the ID test errors ({int((~correct).sum())} of {len(correct)}), % (lower is better):")
+    for name, score in rankings.items():
+        print(f"{name:32s} AURC {100 * aurc(score.numpy(), correct):6.2f}  E-AURC {100 * excess_aurc(score.numpy(), correct):6.2f}")
 
 
 if __name__ == "__main__":
