@@ -19,9 +19,8 @@ run's numbers are its ``metrics.json`` (same function), and its final weights ar
 same path as a cross-check.
 
 Variant ``halo-clip1``: halo-embed's CLI with its default ``--grad-clip-norm 1.0`` (open_clip's default is no
-clipping). Variant ``halo-ocrules``: halo-embed's trainer with open_clip_train's weight-decay rule and its
-logit-scale clamp after every step patched in; since 2026-11-30 both are halo-embed's own behaviour, so this
-variant equals ``halo`` (kept to check exactly that).
+clipping). (An earlier ``halo-ocrules`` variant patched open_clip_train's weight-decay rule and post-step
+logit-scale clamp into halo-embed; both have been halo-embed's own behaviour since 2026-11-30, so it is gone.)
 
 Hardware and time: 2 CPU cores, no GPU. Measured 0.6-1.5 s per step while the 2 cores were shared with 2-3
 other jobs, i.e. 460-560 s per 125-step run (+ ~20 s evaluation); expect less on idle cores. The default
@@ -54,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "flickr8k-1000"
 PY = sys.executable
 MODEL = "halo-tiny-vit"
-VARIANTS = ("openclip", "halo", "halo-clip1", "halo-ocrules")
+VARIANTS = ("openclip", "halo", "halo-clip1")
 TRAIN_IMAGES = 800
 
 
@@ -181,33 +180,6 @@ def openclip_entry(argv: list[str]) -> int:
     return main(argv) or 0
 
 
-def halo_ocrules_entry(argv: list[str]) -> int:
-    """halo-embed's trainer with open_clip_train's weight-decay rule and post-step logit-scale clamp
-    (a monkeypatched copy for measurement only; halo-embed itself is unchanged)."""
-    import torch
-
-    import halo_embed.clip as hclip
-    from halo_embed.recipes import clip_finetune
-
-    def openclip_groups(model, weight_decay):
-        exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        scale = model.logit_scale
-
-        def clamp(optimizer, *_):
-            with torch.no_grad():
-                scale.clamp_(0, math.log(100))
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(clamp)
-        return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-                {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": float(weight_decay)}]
-
-    hclip.parameter_groups = openclip_groups
-    return clip_finetune.main(argv)
-
-
 # ---------------------------------------------------------------------------------------------- logs
 
 def openclip_curve(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -331,18 +303,24 @@ def static_checks(args, steps: int) -> dict:
     out["lr_schedule_max_abs_diff"] = max(abs(x - y) for x, y in zip(lr_oc, lr_h))
     out["lr_first3_last2"] = {"openclip": lr_oc[:3] + lr_oc[-2:], "halo": lr_h[:3] + lr_h[-2:]}
     # gradient reaching logit_scale when it sits at the value of OpenAI's released weights (4.6052 > ln 100):
-    # ours clamps exp() at 100 in forward; open_clip's forward uses exp() and clamps the parameter after a step
+    # both forwards use exp() unclamped (halo-embed clamps the parameter after a step, as open_clip_train does),
+    # so the two gradients must be equal
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(0)
     images, texts = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
     images_n, texts_n = torch.nn.functional.normalize(images, dim=-1), torch.nn.functional.normalize(texts, dim=-1)
     grads = {}
-    for name, clamp in (("halo (exp().clamp(max=100))", True), ("openclip (exp())", False)):
+    for name, model_scale in (("halo (ContrastiveCLIP)", ours), ("openclip (exp())", None)):
         log_scale = torch.nn.Parameter(torch.tensor(4.6052))
-        scale = log_scale.exp().clamp(max=100.0) if clamp else log_scale.exp()
-        ClipLoss()(images_n, texts_n, scale).backward(retain_graph=True)
-        grads[name] = float(log_scale.grad)
+        if model_scale is not None:
+            with torch.no_grad():
+                model_scale.logit_scale.fill_(4.6052)
+            model_scale.loss(images_n, texts_n, model_scale.logit_scale.float().exp()).backward(retain_graph=True)
+            grads[name] = float(model_scale.logit_scale.grad)
+        else:
+            ClipLoss()(images_n, texts_n, log_scale.exp()).backward(retain_graph=True)
+            grads[name] = float(log_scale.grad)
     out["logit_scale_grad_at_4.6052"] = grads
     out["clip_loss_options"] = {
         "openclip (create_loss)": "ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True)",
@@ -415,8 +393,6 @@ def curve_table(results: dict, steps: int) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_openclip":
         sys.exit(openclip_entry(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "_halo_ocrules":
-        sys.exit(halo_ocrules_entry(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["openclip", "halo"])
@@ -461,12 +437,10 @@ def main() -> None:
             elif variant == "halo":
                 cmd = [str(REPO / ".venv/bin/halo-embed"), "finetune",
                        *halo_argv(args, seed, out, name, train_csv, val_csv, steps)]
-            elif variant == "halo-clip1":  # halo-embed's default clipping (1.0), everything else the same
+            else:  # halo-clip1: halo-embed's default clipping (1.0), everything else the same
                 argv = halo_argv(args, seed, out, name, train_csv, val_csv, steps)
                 argv[argv.index("--grad-clip-norm") + 1] = "1.0"
                 cmd = [str(REPO / ".venv/bin/halo-embed"), "finetune", *argv]
-            else:
-                cmd = [PY, __file__, "_halo_ocrules", *halo_argv(args, seed, out, name, train_csv, val_csv, steps)]
             run_dir = out / name
             if args.reuse_only and not run_dir.exists():
                 print(f"{name}: not run (--reuse-only)", flush=True)

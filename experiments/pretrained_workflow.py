@@ -102,7 +102,7 @@ def finetune(args) -> None:
 
 def report(args) -> None:
     from halo_embed.io import atomic_write_text
-    from halo_embed.recipes.wise_ft import tradeoff_plot, wise_ft_table
+    from halo_embed.recipes.finetune_report import tradeoff_plot, wise_ft_table
 
     root = Path(args.out)
     pre = json.loads((Path(args.lit) / "pretrain.json").read_text())

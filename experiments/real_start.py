@@ -210,7 +210,7 @@ def posthoc(args) -> None:
     from halo_embed.clip.zeroshot import evaluate_zeroshot, load_zeroshot_data
     from halo_embed.io import atomic_write_json
     from halo_embed.recipes.finetune_data import calibration_data_for, eval_data_for
-    from halo_embed.recipes.finetune_report import calibrate_model
+    from halo_embed.recipes.finetune_eval import calibrate_model
     from halo_embed.recipes.wise_ft import run_config
 
     lit = Path(args.lit)

@@ -201,7 +201,7 @@ def test_one_epoch_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monke
                                             "--device", "cuda"]))[0]
     cifar.train(replace(config, name="gpu"), cifar.load_data(config))
     assert seen and set(seen) == {(True, True, True, torch.bfloat16)}
-    state = torch.load(tmp_path / "gpu" / loss / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "gpu" / loss / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     metrics = json.loads((tmp_path / "gpu" / loss / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["accuracy"] <= 1
@@ -291,7 +291,7 @@ def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
     assert "| metric | CCE | HALO |" in report and "(published)" not in report
     config = json.loads((tmp_path / "four" / "halo" / "metrics.json").read_text())["config"]
     assert config["dataset"] == "imagefolder"
-    checkpoint = torch.load(tmp_path / "four" / "halo" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "four" / "halo" / "checkpoint.pt", weights_only=True)
     assert checkpoint["model"]["centroids"].shape == (4, 4)
     with pytest.raises(FileNotFoundError, match="needs .*/train/<class>/ and .*/test/<class>/ folders"):
         cifar.load_data(cifar.CifarConfig(dataset="imagefolder", data_dir=str(tmp_path / "nowhere"),

@@ -244,7 +244,8 @@ def test_exit_codes_internal_error_is_3_with_a_traceback_log(capsys, monkeypatch
     import os
     import re
 
-    from halo_embed.cli import build_parser, run_handler
+    from halo_embed.cli import build_parser
+    from halo_embed.exit_status import run_handler
 
     def crash(args):
         raise RuntimeError("an internal bug")
@@ -355,7 +356,7 @@ def test_a_finetune_run_is_a_contract(tmp_path, tiny_model_dirs, capsys):
             return (exec, ("open(__import__('os').environ['HALO_TEST_MARK'], 'w').write('ran')",))
 
     newest, older = run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000002"
-    for folder in (newest, older):  # where Accelerate would unpickle a registered object, weights_only=False
+    for folder in (newest, older):  # where Accelerate would unpickle a registered object in full
         (folder / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps({"step": Payload()}))
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])  # a torn newest checkpoint

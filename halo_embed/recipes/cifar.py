@@ -58,9 +58,9 @@ from torch import nn
 
 from .. import HALOHead, HALOLoss, HALOModel
 from ..io import atomic_write_json
-from .classification import concatenate, evaluate_classifier, predictions
+from .classification import LOSSES, concatenate, evaluate_classifier, predictions
 from .cifar_config import RESUMABLE_OPTIONS, CifarConfig, add_arguments, apply_preset, validate
-from .cifar_report import LOSSES, seed_metrics, write_comparison, write_run_report, write_seed_comparison
+from .cifar_report import seed_metrics, write_comparison, write_run_report, write_seed_comparison
 from .common import print_reports, recipe_main, warmup_cosine
 from .options import dataclass_from_args, given_options
 from .runs import JsonlLog, load_state_file, refuse_to_overwrite, rng_state, save_state_file, set_rng_state

@@ -9,7 +9,7 @@ from typing import Any, Collection
 
 from .._validation import check_device
 from ..inference import DECISION_RULES
-from .cifar_report import LOSSES
+from .classification import LOSSES
 from .options import add_dataclass_arguments, option, resume_help
 
 __all__ = ["DATASETS", "PRESETS", "CifarConfig", "add_arguments", "apply_preset", "parse_init_gamma", "validate"]

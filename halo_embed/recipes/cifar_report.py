@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..eval import mean_std
-from .classification import decision_markdown, decision_rows, decision_rule_text
+from .classification import LOSSES, decision_markdown, decision_rows, decision_rule_text
 
 if TYPE_CHECKING:
-    from .cifar import CifarConfig
+    from .cifar_config import CifarConfig
 
-LOSSES = ("cce", "halo")
 PRIMARY_SCORE = {"cce": "msp", "halo": "not_abstain"}
 
 #: HALO_MATH.md: ResNet-18, embedding dim = classes; FPR@95 assumed to be the ID-kept convention.

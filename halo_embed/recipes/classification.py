@@ -17,7 +17,10 @@ from torch import Tensor
 
 from ..inference import DECISION_RULES, HALOHead, softmax_ood_scores
 
-__all__ = ["calibrated_heads", "concatenate", "decision_markdown", "decision_metrics", "decision_rows",
+#: the two losses every classification recipe compares, cross-entropy first
+LOSSES = ("cce", "halo")
+
+__all__ = ["LOSSES", "calibrated_heads", "concatenate", "decision_markdown", "decision_metrics", "decision_rows",
            "decision_rule_text", "evaluate_classifier", "predictions"]
 
 

@@ -51,8 +51,8 @@ Method, in order:
 
 Options and defaults: :mod:`~halo_embed.recipes.finetune_config`; data:
 :mod:`~halo_embed.recipes.finetune_data`; run folders:
-:mod:`~halo_embed.recipes.runs`; reports:
-:mod:`~halo_embed.recipes.finetune_report`.
+:mod:`~halo_embed.recipes.runs`; the model: :mod:`~halo_embed.recipes.finetune_model`; evaluation:
+:mod:`~halo_embed.recipes.finetune_eval`; reports: :mod:`~halo_embed.recipes.finetune_report`.
 """
 
 from __future__ import annotations
@@ -73,11 +73,13 @@ from .common import print_reports, recipe_main, warmup_cosine
 from .finetune_config import AUTOCAST, RESUMABLE_OPTIONS, FinetuneConfig, add_arguments, configs_from_args, validate
 from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, split_calibration, training_loader,
                             zeroshot_data_for)
-from .finetune_report import calibrate_model, evaluate_run, evaluate_zeroshot_for, write_comparison, write_run_report
+from .finetune_eval import calibrate_model, evaluate_run, evaluate_zeroshot_for
+from .finetune_model import attach_feature_cache, build_model, initial_temperature, optimizer_groups
+from .finetune_report import write_comparison, write_run_report
 from .runs import (JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite, resolve_resume,
                    save_accelerate_state)
 
-__all__ = ["FinetuneConfig", "build_model", "main", "run", "train"]
+__all__ = ["FinetuneConfig", "build_model", "initial_temperature", "main", "optimizer_groups", "run", "train"]
 
 #: --report-to -> accelerate's log_with
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "wandb,tensorboard": ["wandb", "tensorboard"],
@@ -89,94 +91,6 @@ ZEROSHOT_BEFORE = "zeroshot_before.json"
 def check_run_folder(config: FinetuneConfig) -> None:
     """A run never overwrites another (see :func:`~halo_embed.recipes.runs.refuse_to_overwrite`)."""
     refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", "checkpoint", "report.md"])
-
-
-def build_model(config: FinetuneConfig, rank: int = 0, world_size: int = 1):
-    """The backbone as its library's users build it, wrapped in HALO's or the baseline's loss."""
-    from ..clip import HALOCLIP, ContrastiveCLIP, load_backbone
-
-    torch.manual_seed(config.seed)  # same initial weights for every loss of a comparison
-    backbone = load_backbone(config.family, config.model, config.pretrained, precision=config.precision,
-                             pretrained_image=config.pretrained_image, **config.preprocess_overrides())
-    apply_locks(backbone, config)
-    if config.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
-    if config.loss == "halo":
-        return HALOCLIP(
-            backbone, num_candidates=config.batch_size * world_size, symmetric=config.symmetric,
-            distill=config.distill, label_smoothing=config.label_smoothing,
-            rejection_weight=config.rejection_weight, norm_weight=config.norm_weight,
-            normalization=config.adapter_normalization(), momentum=config.normalization_momentum,
-            init_gamma=initial_temperature(backbone, config),
-        )
-    model = ContrastiveCLIP(backbone, config.loss, rank, world_size)
-    if config.logit_scale is not None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(config.logit_scale))
-        model.logit_scale.requires_grad_(False)
-    return model
-
-
-def initial_temperature(backbone, config: FinetuneConfig) -> float | None:
-    """HALO's starting temperature from ``--init-temperature`` (``None``: HALO's reference start)."""
-    choice = config.init_temperature
-    scale = getattr(backbone.model, "logit_scale", None)
-    if choice == "auto":
-        choice = "model" if config.adapter_normalization() == "sphere" and isinstance(scale, torch.Tensor) \
-            else "reference"
-    if choice == "reference":
-        return None
-    if choice == "model":
-        if not isinstance(scale, torch.Tensor):
-            raise ValueError("--init-temperature model: this model has no CLIP logit scale")
-        # 2 g = CLIP's scale: on the sphere g (2 cos - 1) differs from scale * cos by a constant per row
-        return 0.5 * math.exp(float(scale.detach().float().reshape(-1)[0]))
-    return float(choice)
-
-
-def optimizer_groups(model, config: FinetuneConfig) -> list[dict[str, Any]]:
-    """AdamW groups (:func:`~halo_embed.clip.parameter_groups`); HALO's temperature in a group of its own at
-    ``--temperature-lr`` (default ``--lr`` x the starting temperature: ``gamma`` is the temperature itself
-    above 20, so this moves it by about ``--lr`` of its value per step, as AdamW moves CLIP's log scale)."""
-    from ..clip import HALOCLIP, parameter_groups
-
-    groups = parameter_groups(model, config.wd)
-    if not isinstance(model, HALOCLIP) or not model.loss.gamma.requires_grad:
-        return groups
-    gamma = model.loss.gamma
-    for group in groups:
-        group["params"] = [p for p in group["params"] if p is not gamma]
-    lr = config.temperature_lr if config.temperature_lr is not None else config.lr * float(model.temperature.detach())
-    return [*groups, {"params": [gamma], "weight_decay": 0.0, "lr": lr}]
-
-
-def apply_locks(backbone, config: FinetuneConfig) -> None:
-    """``--lock-image`` / ``--lock-text`` on a backbone (the training one, or one rebuilt for evaluation)."""
-    if config.lock_image:
-        backbone.lock_image(config.lock_image_unlocked_groups, config.lock_image_freeze_bn_stats)
-    if config.lock_text:
-        backbone.lock_text(config.lock_text_unlocked_layers, config.lock_text_freeze_layer_norm)
-
-
-def attach_feature_cache(model, config: FinetuneConfig, training: bool) -> None:
-    """Serve the locked towers of ``model`` from the run's feature cache (``--feature-cache``); in training,
-    the image tower only when its inputs are deterministic (``--train-augment none``)."""
-    from ..clip.feature_cache import FeatureCache
-
-    directory = config.feature_cache_dir()
-    backbone = model.backbone
-    if directory is None:
-        backbone.attach_feature_cache(None)
-        return
-    towers = ["text"] if training and config.train_augment != "none" else ["image", "text"]
-    if directory not in _FEATURE_CACHES:  # one per folder and process: the WiSE-FT models share it
-        _FEATURE_CACHES[directory] = FeatureCache(directory)
-    backbone.attach_feature_cache(_FEATURE_CACHES[directory], towers)
-
-
-_FEATURE_CACHES: dict[Path, Any] = {}
-
-
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:
@@ -267,7 +181,7 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
     scheduler = warmup_cosine(optimizer, config.warmup, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # the position travels as progress.json, not through register_for_checkpointing (whose file is unpickled
-    # with weights_only=False: a crafted one would run code)
+    # as a full pickle: a crafted one would run code)
     position = RunPosition()
     if resume_dir is not None:
         resume_dir = load_resumable_state(accelerator, resume_dir, run_dir, config.resume, position)

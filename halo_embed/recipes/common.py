@@ -54,7 +54,7 @@ def recipe_main(prog: str, description: str, add_arguments, run, argv=None) -> i
     """``python -m halo_embed.recipes.<name>``: the same arguments and error handling as ``halo-embed <name>``."""
     import argparse
 
-    from ..cli import run_handler
+    from ..exit_status import run_handler
 
     parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

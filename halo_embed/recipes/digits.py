@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from .. import HALOHead, HALOLoss, HALOModel
-from .classification import decision_markdown, decision_rows, decision_rule_text, evaluate_classifier, predictions
-
-LOSSES = ("cce", "halo")
+from .classification import (LOSSES, decision_markdown, decision_rows, decision_rule_text, evaluate_classifier,
+                             predictions)
 #: Score function shown in the headline table for each loss.
 PRIMARY_SCORE = {"cce": "msp", "halo": "not_abstain"}
 

@@ -1,5 +1,6 @@
-"""The fine-tuning recipe's evaluation and reports: retrieval and rejection on the validation data,
-``report.md`` / ``metrics.json`` of a run, and the side-by-side report of a comparison."""
+"""The fine-tuning recipe's reports: ``report.md`` / ``metrics.json`` of a run, the side-by-side report of a
+comparison, and the WiSE-FT sweep's table and trade-off plot (the evaluation is
+:mod:`~halo_embed.recipes.finetune_eval`)."""
 
 from __future__ import annotations
 
@@ -8,72 +9,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .finetune_config import FinetuneConfig
-from .finetune_data import eval_data_for, source_kind, zeroshot_data_for
 
-__all__ = ["calibrate_model", "evaluate_run", "evaluate_zeroshot_for", "headline", "write_comparison",
-           "write_run_report"]
-
-
-def evaluate_zeroshot_for(model, config: FinetuneConfig, device, data=None) -> dict[str, Any] | None:
-    """Zero-shot classification of ``--zeroshot-data`` (``None`` when not given); ``data`` from
-    :func:`~halo_embed.recipes.finetune_data.zeroshot_data_for` to reuse it."""
-    from ..clip.evaluate import view_of
-    from ..clip.zeroshot import evaluate_zeroshot
-
-    data = data if data is not None else zeroshot_data_for(config)
-    if data is None:
-        return None
-    images, ood = data
-    was_training = model.training
-    model.eval()
-    try:
-        return evaluate_zeroshot(view_of(model), images, config.zeroshot_templates, device, ood,
-                                 workers=config.workers)
-    finally:
-        model.train(was_training)
-
-
-def calibrate_model(model, data, device) -> dict[str, Any] | None:
-    """On the calibration pairs ``data`` (:func:`~halo_embed.recipes.finetune_data.calibration_data_for`;
-    ``None``: nothing to do): fit a HALO model's decision, and return every model's
-    :func:`~halo_embed.clip.evaluate.calibration_scores` (for the rules a user would choose on them)."""
-    from ..clip import HALOCLIP
-    from ..clip.evaluate import calibration_scores, view_of
-
-    if data is None:
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        scores = calibration_scores(view_of(model), data, device)
-        if isinstance(model, HALOCLIP):
-            model.fit_decision(scores["images"], scores["aligned_texts"], scores["mismatched_texts"],
-                               source=f"{len(data.images)} held-out training images (--calibration-split)")
-            scores = calibration_scores(view_of(model), data, device)  # the scores at the fitted temperature
-        return scores
-    finally:
-        model.train(was_training)
-
-
-def evaluate_run(model, config: FinetuneConfig, device, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Retrieval and rejection on the validation data (and the unseen combinations of the built-in data);
-    ``calibration``: :func:`calibrate_model`'s scores, for the thresholds a user would choose on them."""
-    from ..clip import HALOCLIP
-    from ..clip.evaluate import build_eval_data, evaluate_alignment, view_of
-    from ..data.shapes import ShapesDataset
-
-    model.eval()
-    view = view_of(model)
-    results = {"val": evaluate_alignment(view, eval_data_for(config), device, calibration=calibration)}
-    if source_kind(config.train_data, config.dataset_type) == "shapes":
-        unseen = ShapesDataset("unseen", config.shapes_val_images, seed=config.seed)
-        results["unseen combinations"] = evaluate_alignment(
-            view, build_eval_data(unseen, config.eval_images, config.seed, hard_negative=unseen.hard_negative), device,
-            calibration=calibration)
-    out: dict[str, Any] = {"eval": results}
-    if isinstance(model, HALOCLIP):
-        out["decision"] = model.decision.to_dict()
-    return out
+__all__ = ["headline", "tradeoff_plot", "wise_ft_table", "write_comparison", "write_run_report"]
 
 
 def headline(metrics: dict[str, Any], split: str = "val") -> dict[str, float]:
@@ -166,8 +103,6 @@ def write_run_report(run_dir: Path, config: FinetuneConfig, metrics: dict[str, A
     if "zeroshot" in metrics:
         sections.append(_zeroshot_section(metrics))
     if "wise_ft" in metrics:
-        from .wise_ft import wise_ft_table
-
         sweep = metrics["wise_ft"]
         sections.append(f"## WiSE-FT (alpha 0 = before fine-tuning, 1 = after; checkpoints in {sweep['output']})\n\n"
                         + wise_ft_table(sweep["alphas"]))
@@ -193,10 +128,39 @@ def write_comparison(configs: Sequence[FinetuneConfig], results: Sequence[dict[s
              for c in configs for s in splits[:1]}
     sweeps = {c.loss: r["wise_ft"]["alphas"] for c, r in zip(configs, results) if "wise_ft" in r}
     if len(sweeps) == len(configs) and all(points[0]["zeroshot"] is not None for points in sweeps.values()):
-        from .wise_ft import tradeoff_plot
-
         tradeoff_plot(root / "wise_ft_tradeoff.png", sweeps)
         plots["WiSE-FT trade-off of each loss"] = "wise_ft_tradeoff.png"
     payload = {c.loss: _strip(r) for c, r in zip(configs, results)}
     return write_report(root, "Fine-tuning comparison: " + " vs ".join(c.loss for c in configs), payload, sections,
                         plots)
+
+
+def wise_ft_table(points: list[dict[str, Any]]) -> str:
+    """The sweep as a markdown table, one row per alpha."""
+    from ..eval import markdown_table
+
+    has_zeroshot = points[0]["zeroshot"] is not None
+    rows = []
+    for p in points:
+        r = p["retrieval"]
+        row = [f"{p['alpha']:.2f}", f"{100 * p['mean_recall']:.2f}", f"{100 * r['image_to_text_R@1']:.2f}",
+               f"{100 * r['text_to_image_R@1']:.2f}", f"{100 * p['auroc_all_mismatched']:.2f}"]
+        if has_zeroshot:
+            z = p["zeroshot"]
+            row += [f"{100 * z['top1']:.2f}", f"{100 * z['top5']:.2f}",
+                    "-" if z.get("abstain_rate") is None else f"{100 * z['abstain_rate']:.1f}"]
+        rows.append(row)
+    header = ["alpha", "mean recall %", "R@1 i->t %", "R@1 t->i %", "AUROC mismatched %"]
+    if has_zeroshot:
+        header += ["zero-shot top-1 %", "zero-shot top-5 %", "zero-shot abstain %"]
+    return markdown_table(header, rows)
+
+
+def tradeoff_plot(path: Path, curves: dict[str, list[dict[str, Any]]]) -> Path:
+    """Fine-tuning mean recall vs zero-shot top-1, one line per sweep (alpha annotated)."""
+    from ..eval.plots import tradeoff_curves
+
+    points = {label: [(100 * p["mean_recall"], 100 * p["zeroshot"]["top1"], f"{p['alpha']:g}") for p in sweep]
+              for label, sweep in curves.items()}
+    return tradeoff_curves(points, path, "fine-tuning task: mean recall (R@1/5/10 both ways) %", "zero-shot top-1 %",
+                           "WiSE-FT trade-off (alpha annotated)")

@@ -145,7 +145,7 @@ class RunPosition:
 
     Saved as ``progress.json`` beside Accelerate's state (:func:`save_accelerate_state`) and read back from it
     (:func:`load_resumable_state`); not through ``register_for_checkpointing``, whose pickle Accelerate loads
-    with ``weights_only=False`` (a crafted one would run code).
+    as a full pickle (a crafted one would run code).
     """
 
     def __init__(self) -> None:
@@ -197,7 +197,7 @@ def save_accelerate_state(accelerator, run_dir: Path, position: RunPosition, kee
 
 def _load_without_pickles(accelerator, path: Path) -> None:
     """``accelerator.load_state(path)`` without ``custom_checkpoint_*.pkl`` (written for registered objects by
-    halo-embed before 2026-12-07, and unpickled by Accelerate with ``weights_only=False``): the other files
+    halo-embed before 2026-12-07, and unpickled in full by Accelerate): the other files
     are linked into a temporary folder that Accelerate reads instead; ``progress.json`` replaces them."""
     import tempfile
 

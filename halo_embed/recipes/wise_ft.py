@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .finetune_config import FinetuneConfig
+from .finetune_report import tradeoff_plot, wise_ft_table
 
 __all__ = ["alpha_folder", "mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
 
@@ -65,9 +66,9 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     from ..clip.evaluate import evaluate_alignment, view_of
     from ..clip.wise_ft import interpolate_weights
     from ..io import atomic_write_json, unused_path
-    from .clip_finetune import apply_locks, attach_feature_cache
     from .finetune_data import calibration_data_for, eval_data_for, zeroshot_data_for
-    from .finetune_report import calibrate_model, evaluate_zeroshot_for
+    from .finetune_eval import calibrate_model, evaluate_zeroshot_for
+    from .finetune_model import apply_locks, attach_feature_cache
 
     run_dir = Path(run_dir)
     alphas = sorted({float(a) for a in alphas})
@@ -113,27 +114,6 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     return payload
 
 
-def wise_ft_table(points: list[dict[str, Any]]) -> str:
-    """The sweep as a markdown table, one row per alpha."""
-    from ..eval import markdown_table
-
-    has_zeroshot = points[0]["zeroshot"] is not None
-    rows = []
-    for p in points:
-        r = p["retrieval"]
-        row = [f"{p['alpha']:.2f}", f"{100 * p['mean_recall']:.2f}", f"{100 * r['image_to_text_R@1']:.2f}",
-               f"{100 * r['text_to_image_R@1']:.2f}", f"{100 * p['auroc_all_mismatched']:.2f}"]
-        if has_zeroshot:
-            z = p["zeroshot"]
-            row += [f"{100 * z['top1']:.2f}", f"{100 * z['top5']:.2f}",
-                    "-" if z.get("abstain_rate") is None else f"{100 * z['abstain_rate']:.1f}"]
-        rows.append(row)
-    header = ["alpha", "mean recall %", "R@1 i->t %", "R@1 t->i %", "AUROC mismatched %"]
-    if has_zeroshot:
-        header += ["zero-shot top-1 %", "zero-shot top-5 %", "zero-shot abstain %"]
-    return markdown_table(header, rows)
-
-
 def _write_report(output: Path, config: FinetuneConfig, points: list[dict[str, Any]]) -> None:
     from ..io import atomic_write_text
 
@@ -144,16 +124,6 @@ def _write_report(output: Path, config: FinetuneConfig, points: list[dict[str, A
         tradeoff_plot(output / "wise_ft.png", {config.loss: points})
         text += "\n![trade-off](wise_ft.png)\n"
     atomic_write_text(output / "wise_ft.md", text)
-
-
-def tradeoff_plot(path: Path, curves: dict[str, list[dict[str, Any]]]) -> Path:
-    """Fine-tuning mean recall vs zero-shot top-1, one line per sweep (alpha annotated)."""
-    from ..eval.plots import tradeoff_curves
-
-    points = {label: [(100 * p["mean_recall"], 100 * p["zeroshot"]["top1"], f"{p['alpha']:g}") for p in sweep]
-              for label, sweep in curves.items()}
-    return tradeoff_curves(points, path, "fine-tuning task: mean recall (R@1/5/10 both ways) %", "zero-shot top-1 %",
-                           "WiSE-FT trade-off (alpha annotated)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
