@@ -17,7 +17,7 @@ implemented here:
 - ``centroid_lr=F``: the loss's gradient on the centroids times F (their learning rate times F, weight decay aside)
 - ``fixed_gamma``: the temperature is not learnt
 
-Usage (~1.5 minutes per run on 2 CPU cores; the CIFAR-10 copy extracted by experiments/cifar_recipe.sh):
+Usage (~1.5 minutes per run on 2 CPU cores; ``--smoke``: every candidate for one seed of seconds):
 
     .venv/bin/python experiments/cifar_candidates.py --seeds 2
     .venv/bin/python experiments/cifar_candidates.py --candidates reference init_gamma=2 "init_gamma=2 embed_dim=64"
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from _shared import SMOKE_CIFAR, add_common_options, cifar10_folder, datasets
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -79,7 +81,8 @@ def build_candidate(config: CifarConfig, options: dict[str, str], data):
     if "embedding_bn" in options:
         model.model = NormalisedEmbedding(model.model, model.embed_dim)
     if "unit_embeddings" in options:
-        first, _ = next(iter(AugmentedBatches(data.train, 512, CIFAR_MEAN, CIFAR_STD, train=True,
+        batch = min(512, len(data.train))
+        first, _ = next(iter(AugmentedBatches(data.train, batch, CIFAR_MEAN, CIFAR_STD, train=True,
                                               seed=config.seed).epoch(0)))
         with torch.no_grad():
             scale = model.model(first).pow(2).mean().rsqrt()
@@ -119,18 +122,22 @@ def one_run(base: CifarConfig, candidate: str, seed: int, data) -> dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="runs/data/cifar10")
-    parser.add_argument("--shared", default="../shared/datasets")
+    add_common_options(parser)
+    parser.add_argument("--data-dir", help="a CIFAR-10 image folder (default: unpacked from --data)")
     parser.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-limit", type=int, default=10000)
     args = parser.parse_args()
-    base = CifarConfig(data_dir=args.data_dir, width=16, epochs=args.epochs, train_limit=args.train_limit,
-                       test_limit=2000, ood_limit=1000, near_ood=[f"{args.shared}/cifar100-partial.npz"],
-                       far_ood=[f"{args.shared}/svhn-partial.npz", f"{args.shared}/mnist-test"])
+    shared = datasets(args)
+    base = CifarConfig(data_dir=str(cifar10_folder(args)), width=16, epochs=args.epochs,
+                       train_limit=args.train_limit, test_limit=2000, ood_limit=1000,
+                       near_ood=[f"{shared}/cifar100-partial.npz"],
+                       far_ood=[f"{shared}/svhn-partial.npz", f"{shared}/mnist-test"])
+    if args.smoke:
+        base, args.seeds = replace(base, **SMOKE_CIFAR), 1
     data = load_data(base)
-    out = unused_path("runs/dynamics/candidates.json")  # chosen once; rewritten after every candidate
+    out = unused_path(Path(args.runs) / "dynamics" / "candidates.json")  # chosen once; rewritten after every candidate
     table = {}
     print("| candidate | accuracy % | ECE | far-OOD AUROC % | near-OOD AUROC % |\n|---|---|---|---|---|")
     for candidate in args.candidates:

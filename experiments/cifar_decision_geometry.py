@@ -15,7 +15,8 @@ selective classification (AURC and E-AURC, lower is better): the sink's ``not_ab
 softmax with the loss's bias and with the calibrated bias, ``msp`` over the K classes alone, the top-1 minus
 top-2 logit and the sink margin.
 
-Usage (seconds on 2 CPU cores, after ``experiments/cifar_recipe.sh``):
+Usage (seconds on 2 CPU cores, after ``experiments/cifar_recipe.sh``; ``--smoke`` first trains a tiny HALO
+run of the recipe on generated data and measures that):
 
     .venv/bin/python experiments/cifar_decision_geometry.py runs/cifar-medium-decision/seed-0/halo
 """
@@ -28,10 +29,12 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from _shared import SMOKE_CIFAR, add_common_options, cifar10_folder, datasets
 
 from halo_embed import HALOHead, geometry
 from halo_embed.eval.selective import aurc, excess_aurc
-from halo_embed.recipes.cifar import CifarConfig, build, load_data, predict
+from halo_embed.io import unused_path
+from halo_embed.recipes.cifar import CifarConfig, build, load_data, predict, train
 from halo_embed.recipes.runs import load_state_file
 
 
@@ -42,8 +45,20 @@ def quantiles(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", help="a HALO run folder of the CIFAR recipe (<output>/<name>[/seed-<s>]/halo)")
+    parser.add_argument("run", nargs="?",
+                        help="a HALO run folder of the CIFAR recipe (<output>/<name>[/seed-<s>]/halo)")
+    add_common_options(parser)
     args = parser.parse_args()
+    if args.smoke:
+        shared = datasets(args)
+        config = CifarConfig(loss="halo", data_dir=str(cifar10_folder(args)),
+                             near_ood=[f"{shared}/cifar100-partial.npz"],
+                             far_ood=[f"{shared}/svhn-partial.npz", f"{shared}/mnist-test"], progress=False,
+                             output=str(unused_path(Path(args.runs) / "geometry-smoke")), **SMOKE_CIFAR)
+        train(config)
+        args.run = str(config.run_dir())
+    if args.run is None:
+        parser.error("give a HALO run folder (or --smoke)")
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())
     config = CifarConfig(**{f.name: saved[f.name] for f in fields(CifarConfig) if f.name in saved})
@@ -76,9 +91,9 @@ def main() -> None:
     correct = (shifted.argmax(dim=-1) == torch.as_tensor(data.test.labels)).numpy()
     top_two = shifted.topk(2, dim=-1).values
     class_prob = lambda bias: torch.softmax(geometry.with_abstain(shifted, bias), dim=-1)[:, :-1]  # noqa: E731
+    sink_share = torch.softmax(geometry.with_abstain(shifted, head.abstain_bias.double()), dim=-1)[:, -1]
     rankings = {
-        "not_abstain (the sink's score)": 1.0 - torch.softmax(geometry.with_abstain(shifted, head.abstain_bias.double()),
-                                                              dim=-1)[:, -1],
+        "not_abstain (the sink's score)": 1.0 - sink_share,
         "msp, K+1, the loss's bias": class_prob(head.abstain_bias.double()).max(dim=-1).values,
         "msp, K+1, the calibrated bias": class_prob(float(calibration.decision_bias)).max(dim=-1).values,
         "msp over the K classes": torch.softmax(shifted, dim=-1).max(dim=-1).values,
@@ -87,7 +102,8 @@ def main() -> None:
     }
     print(f"\nranking the ID test errors ({int((~correct).sum())} of {len(correct)}), % (lower is better):")
     for name, score in rankings.items():
-        print(f"{name:32s} AURC {100 * aurc(score.numpy(), correct):6.2f}  E-AURC {100 * excess_aurc(score.numpy(), correct):6.2f}")
+        area, excess = aurc(score.numpy(), correct), excess_aurc(score.numpy(), correct)
+        print(f"{name:32s} AURC {100 * area:6.2f}  E-AURC {100 * excess:6.2f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ then test accuracy after the last epoch. Prints one table per run and writes
 ``runs/dynamics/<name>.json``. HALO_MATH.md assumes embeddings and centroids of unit mean square
 (initial ``|x - c|^2/D = 2``) and sets the temperature so that moving from there to the shell gains 20 nats.
 
-Usage (the CIFAR-10 copy extracted by experiments/cifar_recipe.sh; ~1 minute per run and epoch on 2 CPU cores):
+Usage (~1 minute per run and epoch on 2 CPU cores; ``--smoke``: seconds, on generated data):
 
     .venv/bin/python experiments/cifar_halo_dynamics.py --init-gamma reference 2 --epochs 3
 """
@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _shared import SMOKE_CIFAR, add_common_options, cifar10_folder
 from accelerate.utils import set_seed
 
 from halo_embed import HALOHead, geometry
@@ -121,7 +123,8 @@ def print_trace(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="runs/data/cifar10")
+    add_common_options(parser)
+    parser.add_argument("--data-dir", help="a CIFAR-10 image folder (default: unpacked from --data)")
     parser.add_argument("--init-gamma", nargs="+", default=["reference", "2"],
                         help="starting temperatures to trace ('reference' = the published 20/(2-(1-2/D)))")
     parser.add_argument("--epochs", type=int, default=3)
@@ -132,16 +135,18 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--name", default="cifar10")
     args = parser.parse_args()
-    base = CifarConfig(loss="halo", data_dir=args.data_dir, width=args.width, epochs=args.epochs,
+    base = CifarConfig(loss="halo", data_dir=str(cifar10_folder(args)), width=args.width, epochs=args.epochs,
                        train_limit=args.train_limit, test_limit=2000, seed=args.seed, embed_dim=args.embed_dim,
                        near_ood=[], far_ood=[])
+    if args.smoke:
+        base, args.every = replace(base, **SMOKE_CIFAR), 1
     data = load_data(base, with_ood=False)
     results = []
     for value in args.init_gamma:
         config = CifarConfig(**{**base.__dict__, "init_gamma": None if value == "reference" else float(value)})
         results.append(trace(config, data, args.every))
         print_trace(results[-1])
-    out = unused_path(Path("runs/dynamics") / f"{args.name}.json")  # a second run never overwrites the first
+    out = unused_path(Path(args.runs) / "dynamics" / f"{args.name}.json")  # a second run never overwrites the first
     atomic_write_json(out, {"args": vars(args), "runs": results})
     print(f"\nwritten {out}")
 

@@ -6,18 +6,20 @@
 # SCALE=large: the `large` preset (all 50k training images for 6 epochs; ~10 min per run)
 # SEEDS=3: that many seeds per loss, reported as mean ± std (default 3). Extra arguments go to the recipe,
 # e.g. `--init-gamma reference --name cifar-medium-reference`; an interrupted run continues with `--resume latest`.
+# SHARED, RUNS, SMOKE=1: see experiments/_common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SHARED:-../shared/datasets}
-DATA=${DATA:-runs/data/cifar10}
+source experiments/_common.sh
+DATA=${DATA:-$RUNS/data/cifar10}
 SCALE=${SCALE:-small}
 SEEDS=${SEEDS:-3}
+if [ -n "${SMOKE:-}" ]; then DATA=$RUNS/smoke-data/cifar10; SEEDS=2; fi
 if [ ! -d "$DATA/train" ]; then mkdir -p "$DATA" && tar -xzf "$SHARED/cifar10-jpg.tar.gz" -C "$DATA"; fi
 case "$SCALE" in
   small|medium|large) ;;
   *) echo "SCALE must be small, medium or large, got $SCALE" >&2; exit 2 ;;
 esac
 set -x
-.venv/bin/halo-embed cifar compare --preset "$SCALE" --seeds "$SEEDS" --data-dir "$DATA" \
+"$HALO_EMBED" cifar compare --preset "$SCALE" --seeds "$SEEDS" --data-dir "$DATA" \
   --near-ood "$SHARED/cifar100-partial.npz" --far-ood "$SHARED/svhn-partial.npz" "$SHARED/mnist-test" \
-  --name "cifar-$SCALE" "$@"
+  --name "cifar-$SCALE" --output "$RUNS" "$@" "${SMOKE_OPTIONS[@]}"

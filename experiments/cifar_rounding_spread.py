@@ -9,7 +9,7 @@ copies' test accuracy and the share of test images on which their predictions di
 A loss whose training amplifies such a change into a different model gives run-to-run spreads that
 one run per loss cannot show (README's CIFAR section).
 
-Usage (~2 minutes per variant on 2 CPU cores at the defaults):
+Usage (~2 minutes per variant on 2 CPU cores at the defaults; ``--smoke``: seconds, on generated data):
 
     .venv/bin/python experiments/cifar_rounding_spread.py --variants cce halo:reference halo:2
 """
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from _shared import SMOKE_CIFAR, add_common_options, cifar10_folder
 from accelerate.utils import set_seed
 
 from halo_embed import HALOHead
@@ -82,7 +84,8 @@ def twin_run(config: CifarConfig, data, eps: float, every: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="runs/data/cifar10")
+    add_common_options(parser)
+    parser.add_argument("--data-dir", help="a CIFAR-10 image folder (default: unpacked from --data)")
     parser.add_argument("--variants", nargs="+", default=["cce", "halo:reference", "halo:2"],
                         help="cce, or halo:<init_gamma> ('reference' = the published start)")
     parser.add_argument("--epochs", type=int, default=3)
@@ -91,8 +94,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    base = CifarConfig(data_dir=args.data_dir, width=16, epochs=args.epochs, train_limit=args.train_limit,
-                       test_limit=2000, seed=args.seed)
+    base = CifarConfig(data_dir=str(cifar10_folder(args)), width=16, epochs=args.epochs,
+                       train_limit=args.train_limit, test_limit=2000, seed=args.seed)
+    if args.smoke:
+        base, args.every = replace(base, **SMOKE_CIFAR), 1
     data = load_data(base, with_ood=False)
     results = {}
     for variant in args.variants:
@@ -103,7 +108,7 @@ def main() -> None:
         print(f"{variant:16s} accuracy {100 * result['accuracy'][0]:.2f} / {100 * result['accuracy'][1]:.2f}  "
               f"test predictions differ on {100 * result['disagreement']:.1f}%  "
               f"final |dtheta|/|theta| {result['distances'][-1][1]:.2e}\n    step:distance  {steps}", flush=True)
-    out = atomic_write_json(unused_path("runs/dynamics/rounding_spread.json"),  # never over an earlier run
+    out = atomic_write_json(unused_path(Path(args.runs) / "dynamics" / "rounding_spread.json"),  # never over an earlier run
                             {"args": vars(args), "results": results})
     print(f"written {out}")
 

@@ -5,17 +5,20 @@
 # CIFAR-10 `small` preset (width 16, 10k training images, 4 epochs; ~1.5 min per run on 2 CPU cores), 3 seeds;
 # the baseline pair (CCE and HALO with the defaults) comes from `compare`, the variants train HALO only.
 # Each run's log.jsonl holds the temperature per epoch; each report.md the decision table.
+# SHARED, RUNS, SMOKE=1: see experiments/_common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SHARED:-../shared/datasets}
-DATA=${DATA:-runs/data/cifar10}
+source experiments/_common.sh
+DATA=${DATA:-$RUNS/data/cifar10}
 SEEDS=${SEEDS:-3}
+if [ -n "${SMOKE:-}" ]; then DATA=$RUNS/smoke-data/cifar10; SEEDS=1; fi
 if [ ! -d "$DATA/train" ]; then mkdir -p "$DATA" && tar -xzf "$SHARED/cifar10-jpg.tar.gz" -C "$DATA"; fi
 common=(--preset small --seeds "$SEEDS" --data-dir "$DATA" --near-ood "$SHARED/cifar100-partial.npz"
-        --far-ood "$SHARED/svhn-partial.npz" "$SHARED/mnist-test" --no-progress "$@")
+        --far-ood "$SHARED/svhn-partial.npz" "$SHARED/mnist-test" --no-progress --output "$RUNS" "$@"
+        "${SMOKE_OPTIONS[@]}")
 set -x
-.venv/bin/halo-embed cifar compare "${common[@]}" --name cifar-small-decision
-.venv/bin/halo-embed cifar --loss halo "${common[@]}" --name cifar-small-tlr10 --temperature-lr 10
-.venv/bin/halo-embed cifar --loss halo "${common[@]}" --name cifar-small-tconst --temperature-schedule constant
-.venv/bin/halo-embed cifar --loss halo "${common[@]}" --name cifar-small-tlr10-const --temperature-lr 10 \
+"$HALO_EMBED" cifar compare "${common[@]}" --name cifar-small-decision
+"$HALO_EMBED" cifar --loss halo "${common[@]}" --name cifar-small-tlr10 --temperature-lr 10
+"$HALO_EMBED" cifar --loss halo "${common[@]}" --name cifar-small-tconst --temperature-schedule constant
+"$HALO_EMBED" cifar --loss halo "${common[@]}" --name cifar-small-tlr10-const --temperature-lr 10 \
   --temperature-schedule constant

@@ -1,0 +1,18 @@
+# Sourced by the shell experiments (from the repository root). Sets SHARED (the dataset copies: $SHARED,
+# $HALO_EMBED_DATA or ../shared/datasets), RUNS (where results go; default runs), PYTHON and HALO_EMBED (the
+# project's interpreter and command) and, with SMOKE=1, points SHARED at a generated miniature of the datasets
+# and sets SMOKE_OPTIONS, the recipe options that make every run take seconds (the numbers then mean nothing;
+# this is what the test suite runs).
+RUNS=${RUNS:-runs}
+PYTHON=${PYTHON:-.venv/bin/python}
+HALO_EMBED=${HALO_EMBED:-.venv/bin/halo-embed}
+SHARED=${SHARED:-${HALO_EMBED_DATA:-../shared/datasets}}
+SMOKE_OPTIONS=()
+if [ -n "${SMOKE:-}" ]; then
+  SHARED=$("$PYTHON" experiments/_shared.py fake "$RUNS/smoke-data")
+  SMOKE_OPTIONS=(--width 4 --epochs 1 --batch-size 32 --train-limit 100 --test-limit 40 --ood-limit 20 --no-progress)
+fi
+if [ ! -d "$SHARED" ]; then
+  echo "SHARED=$SHARED: no such folder (a copy laid out like ../shared/datasets)" >&2
+  exit 2
+fi
