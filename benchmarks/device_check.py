@@ -8,7 +8,7 @@ What it runs, each part on its own so one failure does not stop the rest:
 
 1. the environment (torch, CUDA device, faiss GPU support);
 2. the tests marked ``cuda`` and their CPU twins (``tests/test_devices.py``, plus
-   :data:`CUDA_TESTS`: one CIFAR epoch in bf16 + channels-last, the 2-process
+   :data:`CUDA_TESTS`: CIFAR training in bf16 + channels-last, the 2-process
    paired loss over NCCL where two GPUs exist);
 3. HALOLoss (fused) against ``F.linear`` + ``F.cross_entropy(label_smoothing=0.1)``,
    forward + backward, at (N, D, K) = (1024, 512, 1000), (4096, 128, 100) and
@@ -212,7 +212,7 @@ def cifar_compare(device: torch.device, source: Path | None, seconds: float, dry
 
 
 #: The tests marked ``cuda`` outside ``tests/test_devices.py`` (they skip without a GPU, or two).
-CUDA_TESTS = ("tests/test_cifar_recipe.py::test_one_epoch_on_cuda_in_bf16_and_channels_last",
+CUDA_TESTS = ("tests/test_cifar_recipe.py::test_training_on_cuda_in_bf16_and_channels_last",
               "tests/test_paired_loss.py::test_two_gpus_over_nccl_equal_one_process")
 
 

@@ -80,7 +80,7 @@ def test_compare_end_to_end(tiny_cifar, tmp_path):
     assert "| ID accuracy % |" in report and "96.53" in report
     for loss in ("cce", "halo"):
         metrics = json.loads((tmp_path / "cmp" / loss / "metrics.json").read_text())["metrics"]
-        assert 0 <= metrics["accuracy"] <= 1 and set(metrics["near"]) == {"noise"} and set(metrics["far"]) == {"grey"}
+        assert set(metrics["near"]) == {"noise"} and set(metrics["far"]) == {"grey"}  # learning: the next test
         for png in ("reliability.png", "scores.png", "pca.png"):
             assert (tmp_path / "cmp" / loss / png).stat().st_size > 5000
     halo = json.loads((tmp_path / "cmp" / "halo" / "metrics.json").read_text())["metrics"]
@@ -91,6 +91,19 @@ def test_compare_end_to_end(tiny_cifar, tmp_path):
         with pytest.raises(FileExistsError, match=r"run folder .*cmp/(cce|halo) already holds a run"):
             cifar.run(parse(again))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("*")} == before
+
+
+def test_both_losses_learn_separable_images(tiny_cifar, tmp_path):
+    """Each class's bar sits at its own height: at width 8 and 8 epochs both losses must be far above chance
+    (10 %; measured 100 % and 91 %), and HALO's calibrated decision must keep most of the test images."""
+    argv = ["compare", *common(tiny_cifar, tmp_path), "--width", "8", "--batch-size", "16", "--epochs", "8",
+            "--name", "learn"]
+    assert cifar.run(parse(argv)) == 0
+    for loss in ("cce", "halo"):
+        metrics = json.loads((tmp_path / "learn" / loss / "metrics.json").read_text())["metrics"]
+        assert metrics["accuracy"] >= 0.7, (loss, metrics["accuracy"])
+    decision = json.loads((tmp_path / "learn" / "halo" / "metrics.json").read_text())["metrics"]["decision"]
+    assert decision["rules"]["sink"]["id_kept"] >= 0.7
 
 
 def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
@@ -177,9 +190,9 @@ def test_a_run_is_a_contract(tiny_cifar, tmp_path, capsys):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("loss", ["halo", "cce"])
-def test_one_epoch_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monkeypatch, loss):
+def test_training_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monkeypatch, loss):
     """On a GPU the recipe trains in bf16 autocast on channels-last batches (the published setting's speed):
-    every training forward sees both, and the epoch ends with finite weights and metrics."""
+    every training forward sees both, and 8 epochs end with finite weights and the accuracy the CPU reaches."""
     from dataclasses import replace
 
     seen = []
@@ -197,14 +210,14 @@ def test_one_epoch_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monke
         return model, criterion
 
     monkeypatch.setattr(cifar, "build", build_and_watch)
-    config = cifar.configs_from_args(parse(["--loss", loss, *common(tiny_cifar, tmp_path), "--epochs", "1",
-                                            "--device", "cuda"]))[0]
+    config = cifar.configs_from_args(parse(["--loss", loss, *common(tiny_cifar, tmp_path), "--width", "8",
+                                            "--batch-size", "16", "--epochs", "8", "--device", "cuda"]))[0]
     cifar.train(replace(config, name="gpu"), cifar.load_data(config))
     assert seen and set(seen) == {(True, True, True, torch.bfloat16)}
     state = torch.load(tmp_path / "gpu" / loss / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 8 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     metrics = json.loads((tmp_path / "gpu" / loss / "metrics.json").read_text())["metrics"]
-    assert 0 <= metrics["accuracy"] <= 1
+    assert metrics["accuracy"] >= 0.7  # as test_both_losses_learn_separable_images on the CPU, in bf16
 
 
 def test_presets_and_validation():

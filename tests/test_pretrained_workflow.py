@@ -58,6 +58,7 @@ def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zerosho
     from halo_embed.clip.evaluate import view_of
     from halo_embed.clip.zeroshot import evaluate_zeroshot, load_zeroshot_data
     from halo_embed.data.images import load_image
+    from halo_embed.eval import best_threshold, ood_metrics, threshold_accuracy
 
     data = load_zeroshot_data(zeroshot_folder / "images", zeroshot_folder / "classnames.tsv")
     templates = ["a photo of {}.", "a drawing of {}."]
@@ -73,7 +74,12 @@ def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zerosho
     prototypes = F.normalize(F.normalize(texts, dim=-1).view(2, 2, -1).mean(1), dim=-1)
     expected = (F.normalize(images, dim=-1) @ prototypes.T).argmax(1) == data.labels
     assert result["rule"] == "cosine" and result["top1"] == pytest.approx(expected.float().mean().item())
-    assert result["top5"] == 1.0 and 0 <= result["ood"]["flipped"]["auroc"] <= 1
+    flipped_images = torch.stack([transform(image) for image in ood["flipped"]])
+    with torch.no_grad():
+        flipped_embeddings = backbone.encode_image(flipped_images)
+    mcm = lambda e: torch.softmax(F.normalize(e, dim=-1) @ prototypes.T, dim=-1).max(dim=-1).values  # noqa: E731
+    expected_auroc = ood_metrics(mcm(images).numpy(), mcm(flipped_embeddings).numpy())["auroc"]
+    assert result["top5"] == 1.0 and result["ood"]["flipped"]["auroc"] == pytest.approx(expected_auroc)
 
     halo = HALOCLIP(backbone, num_candidates=8)
     halo.fit_adapter([(pixels, backbone.tokenize(prompts[: len(pixels)] * 6))])
@@ -89,8 +95,19 @@ def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zerosho
     assert result["top1"] == pytest.approx((shifted.argmax(1) == data.labels).float().mean().item())
     assert result["abstain_rate"] == pytest.approx((nearest_logit < decision.bias).float().mean().item())
     flipped = result["ood"]["flipped"]
-    assert "abstain_rate" in flipped and 0 <= flipped["builtin_decision_accuracy"] <= 1
-    assert 0 <= flipped["tuned_threshold_accuracy"] <= 1
+    with torch.no_grad():
+        x_flipped = halo.adapter(backbone.encode_image(flipped_images), "image")
+    flipped_logit = temperature * (1 - ((x_flipped - c[geometry.shifted_logits(x_flipped, c, temperature).argmax(1)])
+                                        ** 2).mean(-1))
+    abstained, flipped_abstained = nearest_logit < decision.bias, flipped_logit < decision.bias
+    assert flipped["abstain_rate"] == pytest.approx(flipped_abstained.float().mean().item())
+    assert flipped["builtin_decision_accuracy"] == pytest.approx(
+        0.5 * ((~abstained[1::2]).float().mean().item() + flipped_abstained[1::2].float().mean().item()))
+    p_aligned = lambda e: decision.judge_pairs(e, c[geometry.shifted_logits(e, c, temperature).argmax(1)])[1]  # noqa: E731
+    known, unknown = p_aligned(x), p_aligned(x_flipped)
+    threshold, _ = best_threshold(known[0::2].numpy(), unknown[0::2].numpy())
+    assert flipped["tuned_threshold_accuracy"] == pytest.approx(
+        threshold_accuracy(known[1::2].numpy(), unknown[1::2].numpy(), threshold))
 
 
 def test_wise_ft_interpolates_weights_and_the_effective_temperature(tiny_model_dirs):
@@ -162,8 +179,15 @@ def test_finetune_measures_zeroshot_before_and_after_and_sweeps_wise_ft(tmp_path
     report = (run / "report.md").read_text()
     assert "Zero-shot classification" in report and "WiSE-FT" in report and (run / "wise_ft" / "wise_ft.png").exists()
     if loss == "halo":
+        from halo_embed.clip.wise_ft import interpolate_weights
+
+        # the saved alpha-0.50 scorer is the interpolation of the run's two ends, with that alpha's own decision
         scorer = AlignmentScorer.from_checkpoint(str(run / "wise_ft" / "alpha-0.50"))
-        assert 0 <= float(scorer.score(shape_images(1), ["a red circle"]).probability[0]) <= 1
+        middle = interpolate_weights(initial, final, 0.5).eval()
+        middle.fitted_decision = scorer.model.fitted_decision
+        images, captions = shape_images(4), ["a red circle", "a blue square", "a green cross", "a red circle"]
+        assert torch.equal(scorer.score(images, captions).probability,
+                           AlignmentScorer(middle).score(images, captions).probability)
     else:
         with pytest.raises(ValueError, match="not a HALO checkpoint"):
             load_checkpoint(run / "checkpoint")
