@@ -54,6 +54,18 @@ def test_parts_and_bias():
     assert loss_fn.abstain_bias == geometry.abstain_bias(8, 10, 0.1)
 
 
+def test_the_implementation_is_stated_never_silently_changed():
+    """The fused kernel has no absent-positive term: unset, a loss with one runs (and says it runs) the
+    faithful implementation; asked for explicitly, fused with it is an error."""
+    assert PairedHALOLoss(16, 8).implementation == "fused"
+    assert PairedHALOLoss(16, 8, rejection_weight=0.5).implementation == "faithful"
+    assert "implementation='faithful'" in repr(PairedHALOLoss(16, 8, rejection_weight=0.5))
+    with pytest.raises(ValueError, match="implementation='fused' has no absent-positive term: rejection_weight=0.5"):
+        PairedHALOLoss(16, 8, rejection_weight=0.5, implementation="fused")
+    with pytest.raises(ValueError, match="chunk_size needs implementation='fused'"):
+        PairedHALOLoss(16, 8, rejection_weight=0.5, chunk_size=4)
+
+
 def test_half_precision_and_autocast():
     images, texts = features(dtype=torch.float32)
     loss_fn = PairedHALOLoss(8, num_candidates=10)

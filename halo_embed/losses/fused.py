@@ -49,7 +49,7 @@ log-sum-exp over ``[s_i, abstain_bias]``, ``p`` the targets, ``q = exp(s - L)``)
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -122,6 +122,45 @@ class Positives:
         return self.row_ids[rows].unsqueeze(1) == col_ids.unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """What every block of one loss evaluation shares: ``(N, D)`` queries ``x``, ``(K, D)`` candidates ``c``,
+    the temperature ``g``, ``|c_j|^2 / D``, the sink's ``bias``, label smoothing ``ls``, ``distill``, the
+    :class:`Positives` and whether the radial NLL is added."""
+
+    x: Tensor
+    c: Tensor
+    g: float
+    centroid_sq: Tensor | None
+    bias: float
+    ls: float
+    distill: bool
+    positives: Positives
+    radial: bool
+
+    def fields(self) -> tuple[Tensor, Tensor, float, Tensor | None, float, float, bool, Positives, bool]:
+        return (self.x, self.c, self.g, self.centroid_sq, self.bias, self.ls, self.distill, self.positives,
+                self.radial)
+
+
+@dataclass
+class _Grads:
+    """Gradient accumulators of ``x`` (``(n, D)``, created by the first block: see :func:`_accumulate`), ``c``
+    and the temperature ``g``."""
+
+    n: int
+    c: Tensor
+    g: Tensor
+    x: Tensor | None = None
+
+    @classmethod
+    def zeros(cls, x: Tensor, c: Tensor) -> "_Grads":
+        return cls(x.shape[0], torch.zeros_like(c), torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def of_x(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x) if self.x is None else self.x
+
+
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """``sum_j a_ij b_ij`` per row."""
     return torch.linalg.vecdot(a, b, dim=1)
@@ -172,17 +211,17 @@ def _radial_distances(xb: Tensor, c: Tensor, columns: Tensor, x_sq: Tensor, s_po
     return r_sq, direct, offset
 
 
-def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
-           positives: Positives, rows: slice, weights: Tensor | None, want_true: bool, grads: dict[str, Any] | None,
-           radial: bool = False, per_row: bool = True, scale: float = 1.0):
+def _block(problem: _Problem, rows: slice, weights: Tensor | None, want_true: bool, grads: _Grads | None,
+           per_row: bool = True, scale: float = 1.0):
     """Loss of one block of rows over all ``K`` candidates; accumulates the gradients into ``grads`` when given.
 
     ``weights``: ``(b,)`` per-row upstream gradient, or ``None`` for a constant 1;
     the gradients are multiplied by ``scale`` as well (``1/N`` for ``mean``).
-    ``radial``: add each row's radial NLL at its (single) positive column.
     ``per_row``: return the ``(b,)`` losses, else only their sum (cheaper: whole-block
-    dots instead of row dots). Returns ``(loss, true (b, K) or None)``.
+    dots instead of row dots); the radial NLL is added at each row's (single) positive column when
+    ``problem.radial``. Returns ``(loss, true (b, K) or None)``.
     """
+    x, c, g, centroid_sq, bias, ls, distill, positives, radial = problem.fields()
     d, k = x.shape[1], c.shape[0]
     xb = x[rows]
     x_sq = _row_mean_square(xb)
@@ -270,11 +309,11 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
         _accumulate(grads, grad, xb, c, g, centroid_sq, rows, dx_rows=w,
                     g_correction=None if w is None else (w @ s_pos) / (alpha * g))
         if pull is not None:
-            grads["c"].index_add_(0, columns if pull_rows is None else columns[pull_rows], pull)
+            grads.c.index_add_(0, columns if pull_rows is None else columns[pull_rows], pull)
             if pull_rows is None:
-                grads["x"][rows].sub_(pull)
+                grads.x[rows].sub_(pull)
             else:
-                grads["x"].index_add_(0, pull_rows + rows.start, pull, alpha=-1.0)
+                grads.x.index_add_(0, pull_rows + rows.start, pull, alpha=-1.0)
     if per_row:
         ce = lse.sub_(target_dot)
         return (ce.add_(nll) if radial else ce), true
@@ -282,7 +321,7 @@ def _block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls:
     return (total + nll.sum() if radial else total), true
 
 
-def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: float, centroid_sq: Tensor,
+def _accumulate(grads: _Grads, grad: Tensor, xb: Tensor, c: Tensor, g: float, centroid_sq: Tensor,
                 rows: slice, dx_rows: Tensor | None = None, x_sq_weight: Tensor | None = None,
                 g_correction: Tensor | None = None) -> None:
     """Add the gradients of ``sum_ij grad_ij * s_ij`` (and of the extra terms below) for one block of rows.
@@ -300,31 +339,29 @@ def _accumulate(grads: dict[str, Any], grad: Tensor, xb: Tensor, c: Tensor, g: f
     grad_x = grad.T @ xb
     col = grad.sum(dim=0)
     dg = (2.0 / d) * _flat_dot(grad_x, c) - col @ centroid_sq
-    grads["g"] += dg if g_correction is None else dg + g_correction
-    grads["c"].add_(grad_x, alpha=alpha).addcmul_(col.unsqueeze(1), c, value=-alpha)
-    if grads["x"] is None and rows.start == 0 and rows.stop == grads["n"]:
+    grads.g += dg if g_correction is None else dg + g_correction
+    grads.c.add_(grad_x, alpha=alpha).addcmul_(col.unsqueeze(1), c, value=-alpha)
+    if grads.x is None and rows.start == 0 and rows.stop == grads.n:
         # one block: its gradient becomes x's (no copy)
         if dx_rows is None:
             out = torch.addmm(xb, grad, c, beta=0.0, alpha=alpha)   # beta=0: xb only gives the shape
         else:
             out = torch.mul(xb, dx_rows.unsqueeze(1)).addmm_(grad, c, alpha=alpha)
-        grads["x"] = out
+        grads.x = out
     else:
-        if grads["x"] is None:
-            grads["x"] = xb.new_zeros((grads["n"], d))
-        out = grads["x"][rows]
+        if grads.x is None:
+            grads.x = xb.new_zeros((grads.n, d))
+        out = grads.x[rows]
         if dx_rows is not None:
             out.addcmul_(xb, dx_rows.unsqueeze(1))
         out.addmm_(grad, c, alpha=alpha)
     if x_sq_weight is not None:
         out.addcmul_(xb, x_sq_weight.unsqueeze(1), value=-alpha)
-        grads["g"] -= x_sq_weight @ _row_mean_square(xb)
+        grads.g -= x_sq_weight @ _row_mean_square(xb)
 
 
-def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float,
-                         distill: bool, positives: Positives, rows: slice, weights: Tensor | None,
-                         grads: dict[str, Any] | None, radial: bool, per_row: bool, scale: float,
-                         class_chunk: int):
+def _class_chunked_block(problem: _Problem, rows: slice, weights: Tensor | None, grads: _Grads | None,
+                         per_row: bool, scale: float, class_chunk: int):
     """:func:`_block` for a block of rows whose ``b x K`` logits are too many to hold: ``class_chunk``
     candidates at a time, in two passes.
 
@@ -332,6 +369,7 @@ def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bi
     the row's; the second, only when gradients are wanted, recomputes each chunk's logits and forms
     ``d ce / d s = q - p`` and its products chunk by chunk. Peak memory: three ``b x class_chunk`` buffers.
     """
+    x, c, g, centroid_sq, bias, ls, distill, positives, radial = problem.fields()
     d, k = x.shape[1], c.shape[0]
     alpha = 2.0 * g / d
     xb = x[rows]
@@ -391,9 +429,9 @@ def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bi
         # q = exp(max(s - max, -floor) + max(max - lse, -floor)), as in the one-pass block
         shift = run_max - (run_max - lse).clamp_(min=-EXP_FLOOR)
         floor = (run_max - EXP_FLOOR).unsqueeze(1)
-        if grads["x"] is None:
-            grads["x"] = xb.new_zeros((grads["n"], d))
-        dx = grads["x"][rows]
+        if grads.x is None:
+            grads.x = xb.new_zeros((grads.n, d))
+        dx = grads.x[rows]
         if smoothed:
             pos_weight = (row_scale * (1.0 - ls) / n_pos).unsqueeze(1)
             flat = (row_scale * (ls / k)).unsqueeze(1)
@@ -409,16 +447,16 @@ def _class_chunked_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bi
                 del mask
             else:
                 grad.sub_(distill_weights(s, cols).mul_(inverse_norm))
-            grads["g"] += _flat_dot(grad, s) / g
+            grads.g += _flat_dot(grad, s) / g
             del s
-            dc = grads["c"][cols]
+            dc = grads.c[cols]
             dc.addmm_(grad.T, xb, alpha=alpha).addcmul_(grad.sum(dim=0).unsqueeze(1), c[cols], value=-alpha)
             dx.addmm_(grad, c[cols], alpha=alpha)
             del grad
         if radial:
             coefficient.mul_(row_scale).mul_(2.0 / d)
             radial_pull = offset.mul_(coefficient.unsqueeze(1))
-            grads["c"].index_add_(0, columns, radial_pull)
+            grads.c.index_add_(0, columns, radial_pull)
             dx.sub_(radial_pull)
     return (ce if per_row else ce.sum()), None
 
@@ -428,45 +466,31 @@ def _blocks(n: int, chunk_rows: int | None):
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def _run_block(x: Tensor, c: Tensor, g: float, centroid_sq: Tensor, bias: float, ls: float, distill: bool,
-               positives: Positives, rows: slice, weights: Tensor | None, want_true: bool,
-               grads: dict[str, Any] | None, radial: bool, per_row: bool, scale: float, chunk_rows: int | None):
+def _run_block(problem: _Problem, rows: slice, weights: Tensor | None, want_true: bool, grads: _Grads | None,
+               per_row: bool, scale: float, chunk_rows: int | None):
     """One block of rows: over all candidates at once, or (chunked mode, more than
     :data:`CLASS_CHUNK_ELEMENTS` logits in the block) over chunks of candidates."""
-    b, k = rows.stop - rows.start, c.shape[0]
+    b, k = rows.stop - rows.start, problem.c.shape[0]
     if chunk_rows is not None and b * k > CLASS_CHUNK_ELEMENTS:
-        return _class_chunked_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, weights, grads,
-                                    radial, per_row, scale, max(1, CLASS_CHUNK_ELEMENTS // b))
-    return _block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, weights, want_true, grads, radial,
-                  per_row, scale)
-
-
-def _new_grads(x: Tensor, c: Tensor) -> dict[str, Any]:
-    """Gradient accumulators; ``x``'s is created by the first block (see :func:`_accumulate`)."""
-    return {"x": None, "n": x.shape[0], "c": torch.zeros_like(c),
-            "g": torch.zeros((), dtype=x.dtype, device=x.device)}
-
-
-def _x_grad(grads: dict[str, Any], x: Tensor) -> Tensor:
-    return torch.zeros_like(x) if grads["x"] is None else grads["x"]
+        class_chunk = max(1, CLASS_CHUNK_ELEMENTS // b)
+        return _class_chunked_block(problem, rows, weights, grads, per_row, scale, class_chunk)
+    return _block(problem, rows, weights, want_true, grads, per_row, scale)
 
 
 class _FusedHALOCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, gamma, positives, bias, ls, distill, reduction, chunk_rows, want_true, radial):  # type: ignore[override]
-        g = float(gamma)
-        centroid_sq = _row_mean_square(c)
+        problem = _Problem(x, c, float(gamma), _row_mean_square(c), bias, ls, distill, positives, radial)
         n = x.shape[0]
         reduced = reduction in ("mean", "sum")
         # the gradients are formed while the logits are in memory, unless no backward can follow
         precompute = reduced and any(ctx.needs_input_grad[:3])
-        grads = _new_grads(x, c) if precompute else None
+        grads = _Grads.zeros(x, c) if precompute else None
         scale = 1.0 / n if reduction == "mean" else 1.0
         losses, trues = [], []
         for rows in _blocks(n, chunk_rows):
             # the precomputed gradients carry the 1/N already: the backward scales only by a grad_out != 1
-            ce, true = _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, want_true, grads,
-                                  radial, not reduced, scale, chunk_rows)
+            ce, true = _run_block(problem, rows, None, want_true, grads, not reduced, scale, chunk_rows)
             losses.append(ce)
             if true is not None:
                 trues.append(true)
@@ -480,7 +504,7 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, c, gamma)
         # Not saved tensors: the first backward takes them over (and scales them in place), so
         # neither autograd's version check nor the graph keeps a second copy alive.
-        ctx.precomputed = (_x_grad(grads, x), grads["c"], grads["g"]) if precompute else None
+        ctx.precomputed = _Grads(n, grads.c, grads.g, grads.of_x(x)) if precompute else None
         ctx.set_materialize_grads(False)
         if not want_true:
             ctx.mark_non_differentiable(true)
@@ -494,25 +518,24 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         pre, ctx.precomputed = ctx.precomputed, None
         needs_logits = pre is None or (want_true and grad_true is not None)
         centroid_sq = _row_mean_square(c) if needs_logits else None
+        problem = _Problem(x, c, g, centroid_sq, bias, ls, distill, positives, radial)
         if grad_out is not None and reduction != "none":
             if pre is None:  # a second backward through a retained graph: the same operations again
-                grads = _new_grads(x, c)
+                pre = _Grads.zeros(x, c)
                 for rows in _blocks(x.shape[0], chunk_rows):
-                    _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, None, False, grads, radial,
-                               False, scale, chunk_rows)
-                pre = (_x_grad(grads, x), grads["c"], grads["g"])
+                    _run_block(problem, rows, None, False, pre, False, scale, chunk_rows)
+                pre.x = pre.of_x(x)
             # handed over (scaled in place unless grad_out is 1, as for loss.backward() on CPU): autograd
             # can keep them as .grad without a copy
             if grad_out.device.type == "cpu" and not grad_out.requires_grad and float(grad_out) == 1.0:
-                grads = {"x": pre[0], "c": pre[1], "g": pre[2]}
+                grads = pre
             else:
-                grads = {"x": pre[0].mul_(grad_out), "c": pre[1].mul_(grad_out), "g": pre[2] * grad_out}
+                grads = _Grads(pre.n, pre.c.mul_(grad_out), pre.g * grad_out, pre.x.mul_(grad_out))
         else:
-            grads = _new_grads(x, c)
+            grads = _Grads.zeros(x, c)
             if grad_out is not None:  # reduction "none": recompute every block with its rows' weights
                 for rows in _blocks(x.shape[0], chunk_rows):
-                    _run_block(x, c, g, centroid_sq, bias, ls, distill, positives, rows, grad_out[rows], False,
-                               grads, radial, False, 1.0, chunk_rows)
+                    _run_block(problem, rows, grad_out[rows], False, grads, False, 1.0, chunk_rows)
         if want_true and grad_true is not None:
             for rows in _blocks(x.shape[0], chunk_rows):
                 xb = x[rows]
@@ -522,7 +545,7 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
                 passes = s.sub_(_row_mean_square(xb).mul_(g).unsqueeze(1)) <= 0
                 grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=xb.dtype, device=xb.device))
                 _accumulate(grads, grad, xb, c, g, centroid_sq, rows, x_sq_weight=grad.sum(dim=1))
-        return (_x_grad(grads, x), grads["c"], grads["g"].reshape(gamma.shape),
+        return (grads.of_x(x), grads.c, grads.g.reshape(gamma.shape),
                 None, None, None, None, None, None, None, None)
 
 

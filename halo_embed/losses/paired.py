@@ -41,8 +41,10 @@ class PairedHALOLoss(HALOLossBase):
             construction, so scoring a single pair later uses the same
             threshold the model was trained against.
         symmetric: also score each caption against the batch's images (default).
-        learn_gamma / distill / label_smoothing / implementation: as in
-            :class:`~halo_embed.HALOLoss`.
+        learn_gamma / distill / label_smoothing: as in :class:`~halo_embed.HALOLoss`.
+        implementation: ``"fused"`` or ``"faithful"`` as in :class:`~halo_embed.HALOLoss`; unset (``None``):
+            ``"fused"``, except with ``rejection_weight > 0``, whose term only the faithful implementation
+            computes (``"faithful"``; asking for ``"fused"`` with it is an error).
         chunk_size: rows (queries) per block with the fused implementation:
             memory grows linearly in the batch instead of with its square
             (tiled mode for very large batches).
@@ -86,7 +88,7 @@ class PairedHALOLoss(HALOLossBase):
         label_smoothing: float = 0.1,
         rejection_weight: float = 0.0,
         norm_weight: float = 0.0,
-        implementation: str = "fused",
+        implementation: str | None = None,
         chunk_size: int | None = None,
         init_gamma: float | None = None,
     ) -> None:
@@ -99,8 +101,13 @@ class PairedHALOLoss(HALOLossBase):
         self.label_smoothing = check_float(
             "label_smoothing", label_smoothing, minimum=0.0, maximum=1.0, include_maximum=False
         )
-        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size, init_gamma)
         self.rejection_weight = check_float("rejection_weight", rejection_weight, minimum=0.0)
+        if implementation is None:  # the fused kernel computes every term but the absent-positive one
+            implementation = "faithful" if self.rejection_weight else "fused"
+        elif implementation == "fused" and self.rejection_weight:
+            raise ValueError(f"implementation='fused' has no absent-positive term: rejection_weight="
+                             f"{self.rejection_weight} needs implementation='faithful' (or leave it unset)")
+        self._setup(self.embed_dim, self.learn_gamma, implementation, chunk_size, init_gamma)
         self.norm_weight = check_float("norm_weight", norm_weight, minimum=0.0)
         self.abstain_bias = geometry.abstain_bias(self.embed_dim, self.num_candidates, self.label_smoothing)
 
@@ -175,12 +182,12 @@ class PairedHALOLoss(HALOLossBase):
                 local_ids = image_ids.to(images.device).long()
                 all_ids = all_gather_no_grad(local_ids)
             is_positive = None
-            if self.implementation == "faithful" or self.rejection_weight:
+            if self.implementation == "faithful":
                 is_positive = local_ids[:, None] == all_ids[None, :]
             temperature = geometry.effective_gamma(self.gamma.to(dtype))
 
             def direction(queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor | None]:
-                if self.implementation == "fused" and not self.rejection_weight:
+                if self.implementation == "fused":
                     ce, _ = fused_halo_cross_entropy(
                         queries, candidates, temperature, Positives(row_ids=local_ids, col_ids=all_ids),
                         self.abstain_bias, self.label_smoothing, self.distill, "mean", self.chunk_size,
