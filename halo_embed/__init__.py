@@ -7,7 +7,7 @@ dependencies when they are used.
 
 from .inference import ABSTAIN, HALOHead, HALOPrediction
 from .losses import HALOLoss
-from .models import HALOModel
+from .classifier import HALOModel
 
 __version__ = "0.1.0"
 

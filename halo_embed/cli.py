@@ -1,5 +1,6 @@
-"""The ``halo-embed`` command line: one subcommand per module of :mod:`halo_embed.commands`, imported only
-when run; every command's exit status and error handling come from :mod:`halo_embed.exit_status`."""
+"""The ``halo-embed`` command line: one subcommand per module (:data:`COMMANDS`: the recipes, and
+:mod:`halo_embed.commands` for scoring and calibration); every command's exit status and error handling come
+from :mod:`halo_embed.exit_status`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from .exit_status import EXIT_CODES, run_handler
 
 __all__ = ["main"]
 
-#: subcommand -> module under halo_embed.commands (imported only when run)
-COMMANDS = {"demo": "demo", "score": "score", "calibrate": "calibrate", "finetune": "finetune", "wise-ft": "wise_ft",
-            "cifar": "cifar"}
+#: subcommand -> the module that runs it: ``HELP``, ``add_arguments(parser)``, ``run(args)`` and
+#: ``CLI_DESCRIPTION`` (else its docstring); imported when the parser is built
+COMMANDS = {"demo": "halo_embed.recipes.demo", "score": "halo_embed.commands.score",
+            "calibrate": "halo_embed.commands.calibrate", "finetune": "halo_embed.recipes.clip_finetune",
+            "wise-ft": "halo_embed.recipes.wise_ft", "cifar": "halo_embed.recipes.cifar"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"halo-embed {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"halo_embed.commands.{module_name}")
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__, epilog=EXIT_CODES,
+        module = importlib.import_module(module_name)
+        description = getattr(module, "CLI_DESCRIPTION", module.__doc__)
+        sub = subparsers.add_parser(name, help=module.HELP, description=description, epilog=EXIT_CODES,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)

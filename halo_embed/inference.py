@@ -202,7 +202,7 @@ class HALOHead(nn.Module):
     def from_trained(cls, model: nn.Module, loss: nn.Module) -> "HALOHead":
         """Build from a trained :class:`~halo_embed.HALOModel` and :class:`~halo_embed.HALOLoss`."""
         from .losses import HALOLoss
-        from .models import HALOModel
+        from .classifier import HALOModel
 
         if not isinstance(model, HALOModel):
             raise TypeError(f"model must be a HALOModel, got {type(model).__name__}")

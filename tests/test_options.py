@@ -78,3 +78,18 @@ def test_resume_help_lists_what_a_resume_may_change():
         flags = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
         assert all(any(f"{flag}," in f"{text}," for flag in flags[name]) for name in module.RESUMABLE_OPTIONS), text
         assert "--no-progress" in text and "--progress" not in text.replace("--no-progress", "")
+
+
+def test_both_recipes_spell_shared_options_alike():
+    """The run folder's parent and the weight decay take the same flags in both recipes."""
+    import argparse
+
+    from halo_embed.recipes import cifar_config, finetune_config
+
+    for module, output, decay in ((cifar_config, "output", "weight_decay"), (finetune_config, "logs", "wd")):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        for flags in (["--output", "a", "--wd", "0.01"], ["--logs", "a", "--weight-decay", "0.01"]):
+            args = parser.parse_known_args(flags)[0]
+            assert getattr(args, output) == "a" and getattr(args, decay) == 0.01, (module.__name__, flags)
+

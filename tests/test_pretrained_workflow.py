@@ -112,7 +112,7 @@ def test_zeroshot_accuracy_matches_a_direct_computation(tiny_model_dirs, zerosho
 
 def test_wise_ft_interpolates_weights_and_the_effective_temperature(tiny_model_dirs):
     from halo_embed.clip import HALOCLIP, ContrastiveCLIP, load_backbone
-    from halo_embed.clip.wise_ft import interpolate_weights
+    from halo_embed.clip.interpolation import interpolate_weights
 
     def halo(seed):
         torch.manual_seed(seed)
@@ -179,7 +179,7 @@ def test_finetune_measures_zeroshot_before_and_after_and_sweeps_wise_ft(tmp_path
     report = (run / "report.md").read_text()
     assert "Zero-shot classification" in report and "WiSE-FT" in report and (run / "wise_ft" / "wise_ft.png").exists()
     if loss == "halo":
-        from halo_embed.clip.wise_ft import interpolate_weights
+        from halo_embed.clip.interpolation import interpolate_weights
 
         # the saved alpha-0.50 scorer is the interpolation of the run's two ends, with that alpha's own decision
         scorer = AlignmentScorer.from_checkpoint(str(run / "wise_ft" / "alpha-0.50"))

@@ -8,6 +8,7 @@ from .adapter import FeatureAdapter
 from .backbones import CLIPBackbone, HFCLIPBackbone, OpenCLIPBackbone, load_backbone, rebuild_backbone
 from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .contrastive import ContrastiveCLIP, parameter_groups
+from .interpolation import interpolate_weights
 from .model import HALOCLIP
 from .prototype import DEFAULT_TEMPLATES, PrototypeClassifier
 from .scorer import AlignmentScorer, PairScores, Ranking
@@ -24,6 +25,7 @@ __all__ = [
     "PairScores",
     "PrototypeClassifier",
     "Ranking",
+    "interpolate_weights",
     "load_backbone",
     "load_checkpoint",
     "load_model",

@@ -59,7 +59,7 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
 def halo_cross_entropy(
     shifted: Tensor,
     embeddings: Tensor,
-    gamma: Tensor,
+    temperature: Tensor,
     abstain_bias: float,
     is_target: Tensor,
     label_smoothing: float,
@@ -71,7 +71,7 @@ def halo_cross_entropy(
     Args:
         shifted: ``(N, K)`` shifted logits (:func:`halo_embed.geometry.shifted_logits`).
         embeddings: ``(N, D)`` the queries behind ``shifted``.
-        gamma: the effective temperature.
+        temperature: the effective temperature ``g`` (``softplus`` of the loss's raw ``gamma``).
         abstain_bias: the sink's logit.
         is_target: ``(N, K)`` bool, the positive candidate(s) of each row.
         label_smoothing: ``ls``; the teacher-free temperature with ``distill``.
@@ -83,7 +83,7 @@ def halo_cross_entropy(
         true logits ``-g |x - c|^2 / D`` (with gradient).
     """
     logits = geometry.with_abstain(shifted, abstain_bias)
-    true = geometry.true_logits(shifted, embeddings, gamma)
+    true = geometry.true_logits(shifted, embeddings, temperature)
     if distill:
         class_probs = geometry.teacher_free_targets(true, is_target, label_smoothing)
     else:

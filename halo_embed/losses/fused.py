@@ -33,13 +33,13 @@ same loss and gradients block by block of rows:
   ``c_y`` parts of both gradients) and ``dx = w x + alpha G c`` is one
   row-scaled copy of ``x`` and one ``addmm_``.
 
-With ``chunk_rows`` the blocks are ``chunk_rows x K``: the full ``N x K``
+With ``chunk_size`` the blocks are ``chunk_size x K``: the full ``N x K``
 matrix never exists (large label spaces, huge contrastive batches), and the
 true logits are not returned. A block with more than
 :data:`CLASS_CHUNK_ELEMENTS` logits is also split by candidates and done in
 two passes (:func:`_class_chunked_block`: online log-sum-exp and target
 statistics, then the gradients with the logits recomputed), so the loss's
-own memory stays a few ``chunk_rows x (CLASS_CHUNK_ELEMENTS / chunk_rows)``
+own memory stays a few ``chunk_size x (CLASS_CHUNK_ELEMENTS / chunk_size)``
 buffers whatever ``K``.
 
 Math (per row ``i``, candidates ``j``; ``s`` shifted logits, ``L`` the
@@ -68,7 +68,7 @@ __all__ = ["Positives", "fused_halo_cross_entropy"]
 EXP_FLOOR = 30.0
 
 #: In chunked mode, a block of rows never holds more logits than this (16 MiB in fp32): wider label
-#: spaces are processed ``CLASS_CHUNK_ELEMENTS // chunk_rows`` candidates at a time, in two passes
+#: spaces are processed ``CLASS_CHUNK_ELEMENTS // chunk_size`` candidates at a time, in two passes
 #: (:func:`_class_chunked_block`), so the loss's own memory no longer grows with ``K``.
 CLASS_CHUNK_ELEMENTS = 2**22
 
@@ -461,17 +461,17 @@ def _class_chunked_block(problem: _Problem, rows: slice, weights: Tensor | None,
     return (ce if per_row else ce.sum()), None
 
 
-def _blocks(n: int, chunk_rows: int | None):
-    step = chunk_rows or n
+def _blocks(n: int, chunk_size: int | None):
+    step = chunk_size or n
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _run_block(problem: _Problem, rows: slice, weights: Tensor | None, want_true: bool, grads: _Grads | None,
-               per_row: bool, scale: float, chunk_rows: int | None):
+               per_row: bool, scale: float, chunk_size: int | None):
     """One block of rows: over all candidates at once, or (chunked mode, more than
     :data:`CLASS_CHUNK_ELEMENTS` logits in the block) over chunks of candidates."""
     b, k = rows.stop - rows.start, problem.c.shape[0]
-    if chunk_rows is not None and b * k > CLASS_CHUNK_ELEMENTS:
+    if chunk_size is not None and b * k > CLASS_CHUNK_ELEMENTS:
         class_chunk = max(1, CLASS_CHUNK_ELEMENTS // b)
         return _class_chunked_block(problem, rows, weights, grads, per_row, scale, class_chunk)
     return _block(problem, rows, weights, want_true, grads, per_row, scale)
@@ -479,8 +479,9 @@ def _run_block(problem: _Problem, rows: slice, weights: Tensor | None, want_true
 
 class _FusedHALOCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, gamma, positives, bias, ls, distill, reduction, chunk_rows, want_true, radial):  # type: ignore[override]
-        problem = _Problem(x, c, float(gamma), _row_mean_square(c), bias, ls, distill, positives, radial)
+    def forward(ctx, x, c, temperature, positives, bias, ls, distill, reduction, chunk_size, want_true,  # type: ignore[override]
+                radial):
+        problem = _Problem(x, c, float(temperature), _row_mean_square(c), bias, ls, distill, positives, radial)
         n = x.shape[0]
         reduced = reduction in ("mean", "sum")
         # the gradients are formed while the logits are in memory, unless no backward can follow
@@ -488,9 +489,9 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         grads = _Grads.zeros(x, c) if precompute else None
         scale = 1.0 / n if reduction == "mean" else 1.0
         losses, trues = [], []
-        for rows in _blocks(n, chunk_rows):
+        for rows in _blocks(n, chunk_size):
             # the precomputed gradients carry the 1/N already: the backward scales only by a grad_out != 1
-            ce, true = _run_block(problem, rows, None, want_true, grads, not reduced, scale, chunk_rows)
+            ce, true = _run_block(problem, rows, None, want_true, grads, not reduced, scale, chunk_size)
             losses.append(ce)
             if true is not None:
                 trues.append(true)
@@ -500,8 +501,8 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
             out = losses[0] if len(losses) == 1 else torch.cat(losses)
         # (a single block is returned as it is: cat would copy the whole (N, K) matrix)
         true = (trues[0] if len(trues) == 1 else torch.cat(trues)) if want_true else x.new_empty(0)
-        ctx.setup = (positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial)
-        ctx.save_for_backward(x, c, gamma)
+        ctx.setup = (positives, bias, ls, distill, reduction, chunk_size, want_true, scale, radial)
+        ctx.save_for_backward(x, c, temperature)
         # Not saved tensors: the first backward takes them over (and scales them in place), so
         # neither autograd's version check nor the graph keeps a second copy alive.
         ctx.precomputed = _Grads(n, grads.c, grads.g, grads.of_x(x)) if precompute else None
@@ -512,9 +513,9 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_true):  # type: ignore[override]
-        positives, bias, ls, distill, reduction, chunk_rows, want_true, scale, radial = ctx.setup
-        x, c, gamma = ctx.saved_tensors
-        g = float(gamma)
+        positives, bias, ls, distill, reduction, chunk_size, want_true, scale, radial = ctx.setup
+        x, c, temperature = ctx.saved_tensors
+        g = float(temperature)
         pre, ctx.precomputed = ctx.precomputed, None
         needs_logits = pre is None or (want_true and grad_true is not None)
         centroid_sq = _row_mean_square(c) if needs_logits else None
@@ -522,8 +523,8 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         if grad_out is not None and reduction != "none":
             if pre is None:  # a second backward through a retained graph: the same operations again
                 pre = _Grads.zeros(x, c)
-                for rows in _blocks(x.shape[0], chunk_rows):
-                    _run_block(problem, rows, None, False, pre, False, scale, chunk_rows)
+                for rows in _blocks(x.shape[0], chunk_size):
+                    _run_block(problem, rows, None, False, pre, False, scale, chunk_size)
                 pre.x = pre.of_x(x)
             # handed over (scaled in place unless grad_out is 1, as for loss.backward() on CPU): autograd
             # can keep them as .grad without a copy
@@ -534,10 +535,10 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         else:
             grads = _Grads.zeros(x, c)
             if grad_out is not None:  # reduction "none": recompute every block with its rows' weights
-                for rows in _blocks(x.shape[0], chunk_rows):
-                    _run_block(problem, rows, grad_out[rows], False, grads, False, 1.0, chunk_rows)
+                for rows in _blocks(x.shape[0], chunk_size):
+                    _run_block(problem, rows, grad_out[rows], False, grads, False, 1.0, chunk_size)
         if want_true and grad_true is not None:
-            for rows in _blocks(x.shape[0], chunk_rows):
+            for rows in _blocks(x.shape[0], chunk_size):
                 xb = x[rows]
                 s = geometry.shifted_logits_addmm(xb, c, g, centroid_sq)
                 # true = min(s - g|x|^2/D, 0): the gradient passes where the clamp did not act
@@ -545,20 +546,20 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
                 passes = s.sub_(_row_mean_square(xb).mul_(g).unsqueeze(1)) <= 0
                 grad = torch.where(passes, grad_true[rows], torch.zeros((), dtype=xb.dtype, device=xb.device))
                 _accumulate(grads, grad, xb, c, g, centroid_sq, rows, x_sq_weight=grad.sum(dim=1))
-        return (grads.of_x(x), grads.c, grads.g.reshape(gamma.shape),
+        return (grads.of_x(x), grads.c, grads.g.reshape(temperature.shape),
                 None, None, None, None, None, None, None, None)
 
 
 def fused_halo_cross_entropy(
     embeddings: Tensor,
     centroids: Tensor,
-    gamma: Tensor,
+    temperature: Tensor,
     positives: Positives,
     abstain_bias: float,
     label_smoothing: float,
     distill: bool,
     reduction: str = "mean",
-    chunk_rows: int | None = None,
+    chunk_size: int | None = None,
     return_true: bool = True,
     radial: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
@@ -571,12 +572,12 @@ def fused_halo_cross_entropy(
     Args:
         embeddings: ``(N, D)`` queries (fp32 or fp64).
         centroids: ``(K, D)`` candidates.
-        gamma: effective temperature, shape ``(1,)``, may require grad.
+        temperature: the effective temperature ``g``, shape ``(1,)``, may require grad.
         positives: :class:`Positives`.
         abstain_bias / label_smoothing / distill: as in the loss.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_rows: rows per block (``None``: one block). Peak memory is a few
-            ``chunk_rows x K`` buffers; the true logits are then not returned.
+        chunk_size: rows per block (``None``: one block). Peak memory is a few
+            ``chunk_size x K`` buffers; the true logits are then not returned.
         return_true: also return the ``(N, K)`` true logits (with gradient).
         radial: add HALO's radial NLL of each row's distance to its positive
             (classification: ``positives`` given as columns), so the loss is
@@ -585,11 +586,11 @@ def fused_halo_cross_entropy(
     Returns:
         ``(ce, true_logits or None)``. Higher-order gradients are not supported.
     """
-    want_true = return_true and chunk_rows is None
+    want_true = return_true and chunk_size is None
     if radial and positives.columns is None:
         raise ValueError("radial=True needs positives given as one column per row")
     ce, true = _FusedHALOCrossEntropy.apply(
-        embeddings, centroids, gamma, positives, float(abstain_bias), float(label_smoothing), bool(distill),
-        reduction, chunk_rows, want_true, bool(radial),
+        embeddings, centroids, temperature, positives, float(abstain_bias), float(label_smoothing), bool(distill),
+        reduction, chunk_size, want_true, bool(radial),
     )
     return ce, (true if want_true else None)

@@ -66,6 +66,16 @@ from .options import dataclass_from_args, given_options
 from .runs import JsonlLog, load_state_file, refuse_to_overwrite, rng_state, save_state_file, set_rng_state
 from .resnet import CifarResNet18
 
+#: ``halo-embed cifar`` (:mod:`halo_embed.cli`): the one-line help and the description
+HELP = "the CIFAR reference recipe: ResNet-18 with HALO vs cross-entropy, measured like the published table"
+CLI_DESCRIPTION = """``halo-embed cifar``: the CIFAR reference recipe (ResNet-18, HALO vs cross-entropy).
+
+    halo-embed cifar compare --dataset cifar10 --data-dir data --download
+    halo-embed cifar --loss halo --preset small --data-dir runs/data/cifar10 --near-ood ... --far-ood ...
+
+See ``python -m halo_embed.recipes.cifar --help`` for the method and defaults.
+"""
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 

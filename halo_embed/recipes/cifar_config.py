@@ -69,7 +69,8 @@ class CifarConfig:
     batch_size: int = option(128, "images per batch")
     lr: float = option(0.1, "SGD learning rate for batch 128; scaled linearly with the batch size")
     momentum: float = option(0.9, "SGD (Nesterov) momentum")
-    weight_decay: float = option(5e-4, "on the network and centroids (none on HALO's temperature)")
+    weight_decay: float = option(5e-4, "on the network and centroids (none on HALO's temperature); --wd is the "
+                                       "same (finetune's and open_clip's name)", flags=("--weight-decay", "--wd"))
     warmup_epochs: int = option(1, "linear warm-up before the cosine decay")
     temperature_lr: float = option(1.0, "HALO's temperature learns at this multiple of the learning rate")
     temperature_schedule: str = option("cosine", "HALO's temperature rate: decays with the network's (cosine) or "
@@ -94,7 +95,8 @@ class CifarConfig:
     seed: int = option(0, "initialisation, batch order and augmentation (the data subsets are fixed)")
     seeds: int = option(1, "compare: run seeds seed..seed+N-1 and report mean ± std (resumable)")
     device: str | None = option(None, "default: cuda if available")
-    output: str = option("runs", "folder for run folders")
+    output: str = option("runs", "folder for run folders (--logs is the same: finetune's and open_clip's name)",
+                         flags=("--output", "--logs"))
     name: str | None = option(None, "run folder name (default: cifar-<dataset>)")
     resume: str | None = option(None, resume_help("a checkpoint.pt", RESUMABLE_OPTIONS))
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))

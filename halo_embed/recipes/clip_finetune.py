@@ -81,6 +81,16 @@ from .runs import (JsonlLog, RunPosition, load_resumable_state, refuse_to_overwr
 
 __all__ = ["FinetuneConfig", "build_model", "initial_temperature", "main", "optimizer_groups", "run", "train"]
 
+#: ``halo-embed finetune`` (:mod:`halo_embed.cli`): the one-line help and the description
+HELP = "fine-tune CLIP with HALO (or clip / siglip for comparison) using Accelerate"
+CLI_DESCRIPTION = """``halo-embed finetune``: fine-tune a CLIP model with HALO (or compare losses), driven by Accelerate.
+
+Runs on the built-in shapes data with a small built-in architecture when no
+arguments are given. Under ``accelerate launch halo-embed finetune ...`` the
+same command trains on several GPUs or machines. See
+``python -m halo_embed.recipes.clip_finetune --help`` for the method.
+"""
+
 #: --report-to -> accelerate's log_with
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "wandb,tensorboard": ["wandb", "tensorboard"],
             "tensorboard,wandb": ["wandb", "tensorboard"], "all": ["wandb", "tensorboard"], "none": None}

@@ -14,11 +14,22 @@ Everything lands in ``runs/demo/`` (``report.md`` links the three parts).
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 from typing import Any
 
 from ..eval import markdown_table, side_by_side, write_report
+
+#: ``halo-embed demo`` (:mod:`halo_embed.cli`): the one-line help and the description
+HELP = "a tour of HALO on embedded data, offline, in minutes"
+CLI_DESCRIPTION = """``halo-embed demo``: the three jobs of halo-embed on embedded data, offline, in a few minutes.
+
+(a) cross-entropy vs HALO with unknown classes on scikit-learn's digits,
+(b) a short CLIP-style HALO fine-tune on the built-in rendered shapes,
+(c) a few pairs scored with the built-in accept/reject threshold.
+Writes runs/demo/report.md (runs/demo-2/, -3/, ... when that folder is taken: a run never overwrites another).
+"""
 
 
 def shapes_config(run_dir: Path, progress: bool):
@@ -56,7 +67,7 @@ def score_examples(checkpoint: Path, run_dir: Path, seed: int = 0) -> list[dict[
     ]
 
 
-def run(output: str | Path = "runs/demo", progress: bool = True) -> Path:
+def tour(output: str | Path = "runs/demo", progress: bool = True) -> Path:
     from .clip_finetune import train
     from .finetune_report import headline
     from .digits import run as run_digits
@@ -107,3 +118,16 @@ def run(output: str | Path = "runs/demo", progress: bool = True) -> Path:
                                                          "scored_pairs": examples}, sections)
     print(f"report: {report}")
     return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/demo",
+                        help="run folder for report.md, metrics.json and plots (a taken one gets a -2, -3 ... suffix)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import unused_path
+
+    tour(unused_path(args.output), progress=args.progress)
+    return 0

@@ -125,7 +125,8 @@ class FinetuneConfig:
     accum_freq: int = option(1, "micro-batches per optimizer step; each contrasts only its own pairs (open_clip "
                                 "caches a group's features so that negatives cross micro-batches)")
     lr: float = option(5e-4, "peak learning rate")
-    wd: float = option(0.1, "AdamW weight decay (none on gains, biases and temperatures)")
+    wd: float = option(0.1, "AdamW weight decay (none on gains, biases and temperatures); --weight-decay is the "
+                            "same (the CIFAR recipe's name)", flags=("--wd", "--weight-decay"))
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")

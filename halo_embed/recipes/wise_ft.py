@@ -29,6 +29,19 @@ from .finetune_report import tradeoff_plot, wise_ft_table
 
 __all__ = ["alpha_folder", "mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
 
+#: ``halo-embed wise-ft`` (:mod:`halo_embed.cli`): the one-line help and the description
+HELP = "WiSE-FT: interpolate a run's initial and fine-tuned weights, evaluate and save each alpha"
+CLI_DESCRIPTION = """``halo-embed wise-ft``: weight-space ensembling of a fine-tuning run's initial and fine-tuned models.
+
+    halo-embed wise-ft runs/finetune-halo --alphas 0 0.25 0.5 0.75 1
+
+For each alpha the model with weights ``(1 - alpha) * initial + alpha *
+fine-tuned`` (Wortsman et al., 2022) is evaluated on the run's validation data
+(retrieval, rejection) and its ``--zeroshot-data`` (zero-shot accuracy), and
+saved as a checkpoint (HALO's load in ``halo-embed score``). The run must have
+been started with ``--wise-ft`` (which keeps ``checkpoint-initial/``).
+"""
+
 INITIAL, FINETUNED = "checkpoint-initial", "checkpoint"
 
 
@@ -64,7 +77,7 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     """
     from ..clip.checkpoint import load_model, save_checkpoint
     from ..clip.evaluate import evaluate_alignment, view_of
-    from ..clip.wise_ft import interpolate_weights
+    from ..clip.interpolation import interpolate_weights
     from ..io import atomic_write_json, unused_path
     from .finetune_data import calibration_data_for, eval_data_for, zeroshot_data_for
     from .finetune_eval import calibrate_model, evaluate_zeroshot_for
