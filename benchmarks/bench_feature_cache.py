@@ -71,7 +71,7 @@ def main() -> None:
         results[name] = {"seconds_per_step_first_epoch": sum(first) / len(first),
                          "seconds_per_step_later": sum(later) / len(later) if later else None,
                          "run_seconds": total, "steps": len(steps)}
-        weights[name] = load_file(str(run / "checkpoint" / "model.safetensors"))
+        weights[name] = load_file(str(run / "final" / "model.safetensors"))
     difference = max(float((weights["feature cache"][k] - v).abs().max())
                      for k, v in weights["towers every step"].items() if v.is_floating_point())
     base, cached = results["towers every step"], results["feature cache"]

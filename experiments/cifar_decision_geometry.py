@@ -35,7 +35,7 @@ from halo_embed import HALOHead, geometry
 from halo_embed.eval.selective import aurc, excess_aurc
 from halo_embed.io import unused_path
 from halo_embed.recipes.cifar import CifarConfig, build, load_data, predict, train
-from halo_embed.recipes.runs import load_state_file
+from halo_embed.recipes.runs import CIFAR_CHECKPOINT, load_state_file, run_path
 
 
 def quantiles(values: torch.Tensor) -> str:
@@ -64,7 +64,7 @@ def main() -> None:
     config = CifarConfig(**{f.name: saved[f.name] for f in fields(CifarConfig) if f.name in saved})
     if config.loss != "halo":
         raise SystemExit(f"{run} is a {config.loss} run; give a HALO run")
-    state = load_state_file(run / "checkpoint.pt")
+    state = load_state_file(run_path(run, CIFAR_CHECKPOINT))
     data = load_data(config)
     model, criterion = build(config, len(data.classes))
     model.load_state_dict(state["model"])

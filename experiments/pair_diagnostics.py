@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from halo_embed import geometry  # noqa: E402
 from halo_embed.clip.checkpoint import load_checkpoint  # noqa: E402
 from halo_embed.clip.evaluate import HALOView, evaluate_alignment  # noqa: E402
+from halo_embed.recipes.runs import FINAL, run_path  # noqa: E402
 from halo_embed.recipes.finetune_config import FinetuneConfig  # noqa: E402
 from halo_embed.recipes.finetune_data import eval_data_for  # noqa: E402
 
@@ -69,7 +70,7 @@ def main() -> None:
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         config = FinetuneConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items()
                                    if k in fields})
-        model = load_checkpoint(run / "checkpoint").eval()
+        model = load_checkpoint(run_path(run, FINAL)).eval()
         data = eval_data_for(config)
         rows = {}
         for name, view in (("unit shell (halo-embed)", HALOView(model)), ("literal K+1 softmax", LiteralHALOView(model))):

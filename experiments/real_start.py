@@ -41,6 +41,8 @@ import torch
 
 from _shared import cifar10, flickr_csvs
 
+from halo_embed.recipes.runs import FINAL, INITIAL, run_path
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "halo-sphere": ["--loss", "halo", "--normalization", "sphere"],
@@ -230,13 +232,13 @@ def posthoc(args) -> None:
             config = run_config(folder)
             eval_data, calibration_data = eval_data_for(config), calibration_data_for(config)
             result = {"unseen_tiny_zeroshot": {}}
-            checkpoints = {"before": folder / "checkpoint-initial", "after": folder / "checkpoint",
+            checkpoints = {"before": run_path(folder, INITIAL), "after": run_path(folder, FINAL),
                            **{f"alpha {a}": folder / "wise_ft" / f"alpha-{float(a):.2f}" for a in ALPHAS}}
             for name, checkpoint in checkpoints.items():
                 model = _model(checkpoint, cache_dir)
                 zeroshot = evaluate_zeroshot(view_of(model), unseen, [TEMPLATE])
                 result["unseen_tiny_zeroshot"][name] = {"top1": zeroshot["top1"], "top5": zeroshot["top5"]}
-            model = _model(folder / "checkpoint", cache_dir)
+            model = _model(run_path(folder, FINAL), cache_dir)
             threshold = carried_threshold(model, seen, seed)
             calibration = calibrate_model(model, calibration_data, "cpu")
             evaluation = evaluate_alignment(view_of(model), eval_data, "cpu", calibration=calibration,
@@ -247,7 +249,7 @@ def posthoc(args) -> None:
             if isinstance(model, HALOCLIP):
                 cifar_train = load_zeroshot_data(cifar / "train", limit=args.eval_images, seed=seed)
                 result["prompt_calibrated_zeroshot"] = prompt_calibrated_zeroshot(
-                    _model(folder / "checkpoint", cache_dir), cifar_train, cifar_test, svhn, seed)
+                    _model(run_path(folder, FINAL), cache_dir), cifar_train, cifar_test, svhn, seed)
             result["rejection"] = {name: {k: v for k, v in values.items() if isinstance(v, float)}
                                    for name, values in evaluation["rejection"].items()}
             atomic_write_json(target, result)
@@ -281,7 +283,7 @@ def collect(args) -> dict[str, list[dict]]:
             metrics = json.loads((folder / "metrics.json").read_text())
             extra = folder / "posthoc.json"
             metrics["posthoc"] = json.loads(extra.read_text()) if extra.exists() else {}
-            saved = json.loads((folder / "checkpoint" / "config.json").read_text())
+            saved = json.loads((run_path(folder, FINAL) / "config.json").read_text())
             metrics["end_temperature"] = saved["temperature"] if "temperature" in saved \
                 else 0.5 * float(np.exp(saved["logit_scale"]))
             runs.setdefault(variant, []).append(metrics)

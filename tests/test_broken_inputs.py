@@ -212,7 +212,7 @@ def test_cifar_with_broken_inputs(inputs, capsys, tmp_path, case):
     assert code in codes, (case, code, err)
     assert "Traceback" not in err and "internal error" not in err, err
     assert snapshot(inputs["root"]) == before
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint.pt"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("latest.pt"))
 
 
 def test_score_csv_output_never_holds_a_formula(inputs, capsys, tmp_path):
@@ -264,7 +264,7 @@ def test_wise_ft_input_errors_write_nothing(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"loss": "halo", "model": "halo-tiny-vit"}')
     before = snapshot(tmp_path)
-    for args in (["--alphas", "2"], ["--alphas", "0.5"]):  # a bad alpha; no checkpoint-initial/
+    for args in (["--alphas", "2"], ["--alphas", "0.5"]):  # a bad alpha; no initial/
         code, err = run(capsys, ["wise-ft", run_dir, *args])
         assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before and sorted(p.name for p in run_dir.iterdir()) == ["config.json"]

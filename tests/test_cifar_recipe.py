@@ -106,6 +106,20 @@ def test_both_losses_learn_separable_images(tiny_cifar, tmp_path):
     assert decision["rules"]["sink"]["id_kept"] >= 0.7
 
 
+def test_a_run_of_the_older_layout_resumes_where_it_is(tiny_cifar, tmp_path):
+    """Runs written before 2026-12-07 kept their checkpoint in checkpoint.pt: it is refused as a fresh start,
+    continued by --resume latest and written back there (no second checkpoint beside it)."""
+    argv = ["--loss", "halo", *common(tiny_cifar, tmp_path), "--epochs", "1", "--name", "old"]
+    assert cifar.run(parse(argv)) == 0
+    run = tmp_path / "old" / "halo"
+    (run / "checkpoints" / "latest.pt").rename(run / "checkpoint.pt")
+    (run / "checkpoints").rmdir()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        cifar.run(parse(argv))
+    assert cifar.run(parse([*argv[:-4], "--epochs", "2", "--name", "old", "--resume", "latest"])) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2 and not (run / "checkpoints").exists()
+
+
 def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch, a crash, --resume latest, 1 more epoch."""
     from dataclasses import replace
@@ -129,8 +143,8 @@ def test_resume_gives_the_same_weights(tiny_cifar, tmp_path, monkeypatch):
         cifar.train(replace(config, name="split"), data)
     monkeypatch.setattr(cifar, "save_state_file", save)
     cifar.train(replace(config, name="split", resume="latest"), data)
-    a = torch.load(tmp_path / "straight" / "halo" / "checkpoint.pt", weights_only=True)  # plain values only
-    b = torch.load(tmp_path / "split" / "halo" / "checkpoint.pt", weights_only=True)
+    a = torch.load(tmp_path / "straight" / "halo" / "checkpoints" / "latest.pt", weights_only=True)  # plain values only
+    b = torch.load(tmp_path / "split" / "halo" / "checkpoints" / "latest.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -214,7 +228,7 @@ def test_training_on_cuda_in_bf16_and_channels_last(tiny_cifar, tmp_path, monkey
                                             "--batch-size", "16", "--epochs", "8", "--device", "cuda"]))[0]
     cifar.train(replace(config, name="gpu"), cifar.load_data(config))
     assert seen and set(seen) == {(True, True, True, torch.bfloat16)}
-    state = torch.load(tmp_path / "gpu" / loss / "checkpoint.pt", weights_only=True)
+    state = torch.load(tmp_path / "gpu" / loss / "checkpoints" / "latest.pt", weights_only=True)
     assert state["epoch"] == 8 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     metrics = json.loads((tmp_path / "gpu" / loss / "metrics.json").read_text())["metrics"]
     assert metrics["accuracy"] >= 0.7  # as test_both_losses_learn_separable_images on the CPU, in bf16
@@ -280,7 +294,7 @@ def test_seeds_report_mean_and_std_and_resume(tiny_cifar, tmp_path):
     assert "| noise (near) rejected % | grey (far) rejected % |" in report  # each OOD set, not a group mean
     sink = payload["halo"]["per_seed"][0]
     assert sink["rule[sink] far_rejected"] == sink["rule[sink] rejected[grey]"]
-    checkpoint = root / "seed-4" / "halo" / "checkpoint.pt"
+    checkpoint = root / "seed-4" / "halo" / "checkpoints" / "latest.pt"
     stamp = checkpoint.stat().st_mtime_ns
     assert cifar.run(parse(argv)) == 0
     assert checkpoint.stat().st_mtime_ns == stamp  # resumed at its last epoch: nothing trained, nothing saved
@@ -304,7 +318,7 @@ def test_imagefolder_dataset_with_any_number_of_classes(tiny_cifar, tmp_path):
     assert "| metric | CCE | HALO |" in report and "(published)" not in report
     config = json.loads((tmp_path / "four" / "halo" / "metrics.json").read_text())["config"]
     assert config["dataset"] == "imagefolder"
-    checkpoint = torch.load(tmp_path / "four" / "halo" / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "four" / "halo" / "checkpoints" / "latest.pt", weights_only=True)
     assert checkpoint["model"]["centroids"].shape == (4, 4)
     with pytest.raises(FileNotFoundError, match="needs .*/train/<class>/ and .*/test/<class>/ folders"):
         cifar.load_data(cifar.CifarConfig(dataset="imagefolder", data_dir=str(tmp_path / "nowhere"),
@@ -365,7 +379,7 @@ def test_the_decision_is_calibrated_on_held_out_images_and_saved(tiny_cifar, tmp
     assert sink["calibration"]["n_id"] == 20 and sink["calibration"]["held_out_kept"] >= 0.9
     assert halo["abstain_rate_known"] == pytest.approx(1 - sink["id_kept"])  # the head decides with the calibrated bias
     assert set(sink["ood_rejected"]) == {"noise", "grey"}
-    state = torch.load(tmp_path / "dec" / "halo" / "checkpoint.pt", weights_only=True)
+    state = torch.load(tmp_path / "dec" / "halo" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["decision"] == sink["calibration"]
     report = (tmp_path / "dec" / "report.md").read_text()
     assert "thresholds set to keep 90 % of 20 held-out training images" in report

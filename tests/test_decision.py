@@ -160,8 +160,8 @@ def test_finetune_calibration_split_fits_the_decision_on_held_out_images(tmp_pat
     metrics = train(config)
     decision = metrics["decision"]
     assert decision["rule"] == "fitted" and decision["fitted_on"]["aligned"] == 60
-    assert load_checkpoint(tmp_path / "run" / "checkpoint").decision.to_dict() == decision
-    assert load_checkpoint(tmp_path / "run" / "checkpoint-initial").decision.rule == "fitted"
+    assert load_checkpoint(tmp_path / "run" / "final").decision.to_dict() == decision
+    assert load_checkpoint(tmp_path / "run" / "initial").decision.rule == "fitted"
     assert load_checkpoint(tmp_path / "run" / "wise_ft" / "alpha-0.50").decision.rule == "fitted"
     pooled = metrics["eval"]["val"]["rejection"]["all mismatched"]
     for key in ("builtin_threshold_accuracy", "calibration_threshold_accuracy", "platt_accuracy", "builtin_ece",

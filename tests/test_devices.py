@@ -174,7 +174,7 @@ def test_amp_bf16_finetune_resume_replays_exactly(tmp_path, tiny_model_dirs):
         train(config("resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step-0000003")))
     finally:
         AcceleratorState._reset_state()  # and the tests after this one run in fp32 again
-    a, b = (load_file(str(tmp_path / name / "checkpoint" / "model.safetensors")) for name in ("straight", "resumed"))
+    a, b = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("straight", "resumed"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -31,7 +31,7 @@ def test_halo_finetune_end_to_end(tmp_path, tiny_model_dirs):
     metrics = train(config)
     run = tmp_path / "run"
     assert metrics["steps"] == 4
-    for name in ("report.md", "metrics.json", "log.jsonl", "checkpoint/model.safetensors", "val_pair_scores.png"):
+    for name in ("report.md", "metrics.json", "log.jsonl", "final/model.safetensors", "val_pair_scores.png"):
         assert (run / name).exists(), name
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("temperature" in r and "lr" in r for r in log)
@@ -48,7 +48,7 @@ def test_halo_finetune_end_to_end(tmp_path, tiny_model_dirs):
 
     from halo_embed.clip import AlignmentScorer
 
-    scorer = AlignmentScorer.from_checkpoint(str(run / "checkpoint"))
+    scorer = AlignmentScorer.from_checkpoint(str(run / "final"))
     scores = scorer.score(shape_images(2), ["a small red circle in the top left", "a large blue square in the center"])
     assert scores.probability.shape == (2,)
 
@@ -62,7 +62,7 @@ def test_running_normalization_checkpoint_scores_what_the_evaluation_measured(tm
     config = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], normalization="running",
                          normalization_momentum=0.5)
     metrics = train(config)
-    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint = tmp_path / "run" / "final"
     assert json.loads((checkpoint / "config.json").read_text())["adapter"]["normalization"] == "running"
     data = eval_data_for(config)
     refs, text_ids = data.pair_sets["aligned"]
@@ -113,8 +113,8 @@ def test_resume_replays_the_same_run(tmp_path, tiny_model_dirs):
     resumed = tiny_config(tmp_path, tiny_model_dirs["open_clip_local_dir"], name="resumed", accum_freq=2, batch_size=8,
                           resume=str(tmp_path / "straight" / "checkpoints" / "step-0000002"))
     train(resumed)
-    a = weights(tmp_path / "straight" / "checkpoint")
-    b = weights(tmp_path / "resumed" / "checkpoint")
+    a = weights(tmp_path / "straight" / "final")
+    b = weights(tmp_path / "resumed" / "final")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
@@ -146,7 +146,7 @@ def test_baselines_train_and_evaluate(tmp_path, tiny_model_dirs, loss):
     assert ("builtin_threshold_accuracy" in pooled) == (loss == "siglip")  # CLIP has no built-in decision
     from halo_embed.clip import ContrastiveCLIP, load_model
 
-    saved = load_model(tmp_path / "run" / "checkpoint")  # the baseline is kept too (for WiSE-FT, for comparisons)
+    saved = load_model(tmp_path / "run" / "final")  # the baseline is kept too (for WiSE-FT, for comparisons)
     assert isinstance(saved, ContrastiveCLIP) and saved.loss_name == loss
 
 
@@ -313,7 +313,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dirs):
     one = subprocess.run([sys.executable, "-m", "halo_embed.recipes.clip_finetune", *common, "--batch-size", "16",
                           "--name", "one"], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = weights(tmp_path / "one" / "checkpoint"), weights(tmp_path / "two" / "checkpoint")
+    a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]

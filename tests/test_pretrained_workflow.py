@@ -171,7 +171,7 @@ def test_finetune_measures_zeroshot_before_and_after_and_sweeps_wise_ft(tmp_path
     # the sweep's end points are the models the run measured: alpha 0 before the first step, alpha 1 at the end
     assert points[0.0]["zeroshot"]["top1"] == before["top1"] and points[1.0]["zeroshot"] == after
     assert points[1.0]["retrieval"] == metrics["eval"]["val"]["retrieval"]
-    final, initial = load_model(run / "checkpoint"), load_model(run / "checkpoint-initial")
+    final, initial = load_model(run / "final"), load_model(run / "initial")
     alpha_one = load_model(run / "wise_ft" / "alpha-1.00")
     for key, value in final.state_dict().items():
         assert torch.equal(value, alpha_one.state_dict()[key]), key
@@ -190,11 +190,22 @@ def test_finetune_measures_zeroshot_before_and_after_and_sweeps_wise_ft(tmp_path
                            AlignmentScorer(middle).score(images, captions).probability)
     else:
         with pytest.raises(ValueError, match="not a HALO checkpoint"):
-            load_checkpoint(run / "checkpoint")
+            load_checkpoint(run / "final")
     # the command on the finished run writes a new folder, never over the first sweep
     assert main(["wise-ft", str(run), "--alphas", "0.25"]) == 0
     assert (run / "wise_ft-2" / "alpha-0.25" / "model.safetensors").exists()
     assert json.loads((run / "wise_ft" / "wise_ft.json").read_text())["alphas"][0]["alpha"] == 0.0
+
+
+def test_wise_ft_reads_a_run_of_the_older_layout(tmp_path, tiny_model_dirs, zeroshot_folder):
+    """Runs written before 2026-12-07 named final/ and initial/ checkpoint/ and checkpoint-initial/."""
+    from halo_embed.cli import main
+
+    run = run_finetune(tmp_path, tiny_model_dirs["open_clip_local_dir"], zeroshot_folder, "halo", "--wise-ft", "1")
+    (run / "final").rename(run / "checkpoint")
+    (run / "initial").rename(run / "checkpoint-initial")
+    assert main(["wise-ft", str(run), "--alphas", "0.5"]) == 0
+    assert (run / "wise_ft-2" / "alpha-0.50" / "model.safetensors").exists()
 
 
 def test_wise_ft_command_errors_are_one_line(tmp_path, tiny_model_dirs, zeroshot_folder, capsys):
@@ -203,7 +214,7 @@ def test_wise_ft_command_errors_are_one_line(tmp_path, tiny_model_dirs, zeroshot
     run = run_finetune(tmp_path, tiny_model_dirs["open_clip_local_dir"], zeroshot_folder, "halo")
     capsys.readouterr()
     for args, message in (([str(run), "--alphas", "1.5"], "alphas must be in [0, 1]"),
-                          ([str(run)], "checkpoint-initial is missing (start the run with --wise-ft"),
+                          ([str(run)], "initial is missing (start the run with --wise-ft"),
                           ([str(tmp_path / "nope")], "is not a halo-embed finetune run folder")):
         assert main(["wise-ft", *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -212,7 +223,7 @@ def test_wise_ft_command_errors_are_one_line(tmp_path, tiny_model_dirs, zeroshot
     with pytest.raises(AssertionError):
         run_finetune(tmp_path, tiny_model_dirs["open_clip_local_dir"], zeroshot_folder, "halo", "--resume", "latest",
                      "--wise-ft", "0.5")
-    assert "has no checkpoint-initial/ (the run was started without --wise-ft)" in capsys.readouterr().err
+    assert "has no initial/ (the run was started without --wise-ft)" in capsys.readouterr().err
 
 
 def test_open_clip_flags_are_validated_in_one_line(tmp_path, capsys, zeroshot_folder):

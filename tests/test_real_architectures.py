@@ -5,7 +5,7 @@ Each test builds a full-size model (open_clip ``ViT-B-32`` and ``RN50``; transfo
 file), saves it the way downloaded weights sit on a user's disk, then runs
 
     halo-embed finetune --model ... [--pretrained FILE] --max-steps 2 --batch-size 8 --wise-ft 0.5   (HALO)
-    halo-embed score --checkpoint RUN/checkpoint --pairs pairs.csv --output scores.json    (and wise_ft/alpha-0.50)
+    halo-embed score --checkpoint RUN/final --pairs pairs.csv --output scores.json    (and wise_ft/alpha-0.50)
 
 on generated images, and checks that the model the command starts from is the saved file (exactly), that the
 fine-tuned checkpoint moved away from it (by no more than two small AdamW steps can), that the WiSE-FT model
@@ -214,7 +214,7 @@ def finetune_and_score(tmp_path: Path, capsys, model: UserModel) -> Path:
                        "--wise-ft", "0.5")
     assert code == 0, err[-3000:]
     run = tmp_path / "runs" / "run"
-    checkpoint = run / "checkpoint"
+    checkpoint = run / "final"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "config.json").is_file()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and math.isfinite(log[-1]["loss"])
@@ -232,7 +232,7 @@ def finetune_and_score(tmp_path: Path, capsys, model: UserModel) -> Path:
     assert len(changed) > len(params) // 2, (len(changed), len(params))
 
     # 4. WiSE-FT (--wise-ft 0.5): the run kept the saved weights as its start, and alpha 0.5 is their midpoint
-    initial, halfway = backbone_weights(run / "checkpoint-initial"), backbone_weights(run / "wise_ft" / "alpha-0.50")
+    initial, halfway = backbone_weights(run / "initial"), backbone_weights(run / "wise_ft" / "alpha-0.50")
     assert_same(initial, saved, params)
     for key in params:
         torch.testing.assert_close(halfway[key].float(), (saved[key].float() + tuned[key].float()) / 2, msg=key)

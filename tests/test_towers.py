@@ -205,8 +205,8 @@ def test_cached_and_uncached_heads_only_training_give_the_same_model(lit_parts, 
     train(FinetuneConfig(name="uncached", feature_cache="off", **common))
     train(FinetuneConfig(name="cached", feature_cache=str(tmp_path / "shared"), **common))
     assert any((tmp_path / "shared").rglob("*.safetensors"))
-    uncached = load_file(str(tmp_path / "uncached" / "checkpoint" / "model.safetensors"))
-    cached = load_file(str(tmp_path / "cached" / "checkpoint" / "model.safetensors"))
+    uncached = load_file(str(tmp_path / "uncached" / "final" / "model.safetensors"))
+    cached = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
     assert [k for k in cached if "head.proj" in k] and [k for k in cached if "text.proj" in k]
     for key in cached:
         assert torch.allclose(cached[key], uncached[key], atol=1e-5), key

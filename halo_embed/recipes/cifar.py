@@ -7,7 +7,7 @@
     halo-embed cifar compare --dataset imagefolder --data-dir my_images --near-ood unknown/ --far-ood svhn
 
 What it produces: ``<output>/<name>/{cce,halo}/`` with ``report.md``,
-``metrics.json``, plots and a resumable ``checkpoint.pt``, and for ``compare``
+``metrics.json``, plots and a resumable ``checkpoints/latest.pt``, and for ``compare``
 a side-by-side report in the published table's layout (ID accuracy, ECE,
 far-OOD SVHN and near-OOD CIFAR-100/-10 AUROC and FPR@95) with the published
 numbers as extra columns; with ``--seeds N``, one run per seed under
@@ -63,7 +63,8 @@ from .cifar_config import RESUMABLE_OPTIONS, CifarConfig, add_arguments, apply_p
 from .cifar_report import seed_metrics, write_comparison, write_run_report, write_seed_comparison
 from .common import print_reports, recipe_main, warmup_cosine
 from .options import dataclass_from_args, given_options
-from .runs import JsonlLog, load_state_file, refuse_to_overwrite, rng_state, save_state_file, set_rng_state
+from .runs import (CIFAR_CHECKPOINT, LEGACY_NAMES, JsonlLog, load_state_file, refuse_to_overwrite, rng_state,
+                   run_path, save_state_file, set_rng_state)
 from .resnet import CifarResNet18
 
 #: ``halo-embed cifar`` (:mod:`halo_embed.cli`): the one-line help and the description
@@ -161,7 +162,7 @@ def _device(config: CifarConfig) -> torch.device:
 def check_run_folder(config: CifarConfig) -> None:
     """A run never overwrites another (see :func:`~halo_embed.recipes.runs.refuse_to_overwrite`); a folder
     without a checkpoint (stopped in its first epoch) is started again, as ``--resume latest --seeds`` does."""
-    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoint.pt"])
+    refuse_to_overwrite(config.run_dir(), config.resume, [CIFAR_CHECKPOINT, LEGACY_NAMES[CIFAR_CHECKPOINT]])
 
 
 
@@ -185,7 +186,7 @@ def _train_owned(config: CifarConfig, data: CifarData | None) -> dict[str, Any]:
 
     check_run_folder(config)
     run_dir = config.run_dir()
-    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint_path = run_path(run_dir, CIFAR_CHECKPOINT)
     state = None
     if config.resume:  # read and checked before anything is written or trained
         state = load_state_file(checkpoint_path if config.resume == "latest" else config.resume)
@@ -324,7 +325,7 @@ def seeded(config: CifarConfig, seed: int) -> CifarConfig:
     """
     name = f"{config.name or f'cifar-{config.dataset}'}/seed-{seed}"
     seeded_config = replace(config, seed=seed, name=name)
-    if config.resume == "latest" and not (seeded_config.run_dir() / "checkpoint.pt").is_file():
+    if config.resume == "latest" and not run_path(seeded_config.run_dir(), CIFAR_CHECKPOINT).is_file():
         seeded_config = replace(seeded_config, resume=None)
     return seeded_config
 

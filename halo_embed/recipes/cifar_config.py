@@ -98,7 +98,7 @@ class CifarConfig:
     output: str = option("runs", "folder for run folders (--logs is the same: finetune's and open_clip's name)",
                          flags=("--output", "--logs"))
     name: str | None = option(None, "run folder name (default: cifar-<dataset>)")
-    resume: str | None = option(None, resume_help("a checkpoint.pt", RESUMABLE_OPTIONS))
+    resume: str | None = option(None, resume_help("a checkpoint file (a run's checkpoints/latest.pt)", RESUMABLE_OPTIONS))
     progress: bool = option(True, "no progress bar", flags=("--no-progress",))
 
     def run_dir(self) -> Path:

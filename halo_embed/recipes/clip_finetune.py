@@ -6,7 +6,7 @@
 
 What it produces: a run folder ``<logs>/<name>/`` with checkpoints you can
 resume, ``log.jsonl`` and TensorBoard logs, the final model (for HALO a
-checkpoint the scorer loads, ``checkpoint/``), and ``report.md`` /
+checkpoint the scorer loads, ``final/``), and ``report.md`` /
 ``metrics.json`` with retrieval R@1/5/10 both ways and rejection of mismatched
 pairs (shuffled captions, hard negatives, OOD images): AUROC, both FPR@95s,
 AUPR, and the accuracy of HALO's built-in threshold next to the baseline's
@@ -76,8 +76,8 @@ from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, spli
 from .finetune_eval import calibrate_model, evaluate_run, evaluate_zeroshot_for
 from .finetune_model import attach_feature_cache, build_model, initial_temperature, optimizer_groups
 from .finetune_report import write_comparison, write_run_report
-from .runs import (JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite, resolve_resume,
-                   save_accelerate_state)
+from .runs import (FINAL, INITIAL, LEGACY_NAMES, JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite,
+                   resolve_resume, run_path, save_accelerate_state)
 
 __all__ = ["FinetuneConfig", "build_model", "initial_temperature", "main", "optimizer_groups", "run", "train"]
 
@@ -100,7 +100,7 @@ ZEROSHOT_BEFORE = "zeroshot_before.json"
 
 def check_run_folder(config: FinetuneConfig) -> None:
     """A run never overwrites another (see :func:`~halo_embed.recipes.runs.refuse_to_overwrite`)."""
-    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", "checkpoint", "report.md"])
+    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", FINAL, LEGACY_NAMES[FINAL], "report.md"])
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:
@@ -162,9 +162,9 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
         resume_dir = resolve_resume(config.resume, run_dir)
         saved, where = saved_run_config(config, resume_dir)
         changed = check_resume(saved, config, RESUMABLE_OPTIONS, f"the run's ({where})")
-        if config.wise_ft and not (run_dir / "checkpoint-initial").is_dir():
+        if config.wise_ft and not run_path(run_dir, INITIAL).is_dir():
             raise ValueError(f"--wise-ft needs the model the run started from, and {run_dir} has no "
-                             "checkpoint-initial/ (the run was started without --wise-ft); resume without it")
+                             "initial/ (the run was started without --wise-ft); resume without it")
     accelerator.wait_for_everyone()  # every rank has looked before the main one creates the folder
 
     # 2. data and model; the run folder is created only once both are usable
@@ -218,7 +218,7 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
                                "skipped_rows": len(getattr(train_source, "bad_rows", []))}
     if accelerator.is_main_process:
         calibration = calibrate_model(unwrapped, calibration_data, accelerator.device)
-        save_checkpoint(unwrapped, run_dir / "checkpoint", extra={"step": position.step, "config": asdict(config)})
+        save_checkpoint(unwrapped, run_path(run_dir, FINAL), extra={"step": position.step, "config": asdict(config)})
         metrics.update(evaluate_run(unwrapped, config, accelerator.device, calibration))
         if zeroshot_data is not None:
             before = run_dir / ZEROSHOT_BEFORE  # missing when --zeroshot-data was first given on a resume
@@ -240,7 +240,7 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
 
 def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data, calibration_data=None) -> None:
     """What the run starts from: its zero-shot accuracy (``--zeroshot-data``) and, for ``--wise-ft``, the
-    model itself (``checkpoint-initial/``: after the adapter's statistics are measured, before the first step),
+    model itself (``initial/``: after the adapter's statistics are measured, before the first step),
     for HALO with its decision fitted on the calibration pairs (``--calibration-split``)."""
     from ..clip import save_checkpoint
     from ..io import atomic_write_json
@@ -255,7 +255,7 @@ def record_initial_model(model, config: FinetuneConfig, device, zeroshot_data, c
         atomic_write_json(run_dir / ZEROSHOT_BEFORE, before)
         print(f"zero-shot before fine-tuning: top-1 {100 * before['top1']:.2f} % on {before['images']} images")
     if config.wise_ft:
-        save_checkpoint(model, run_dir / "checkpoint-initial", extra={"step": 0, "config": asdict(config)})
+        save_checkpoint(model, run_path(run_dir, INITIAL), extra={"step": 0, "config": asdict(config)})
 
 
 def train_steps(accelerator, model, optimizer, scheduler, loader, position: RunPosition, total_steps: int,

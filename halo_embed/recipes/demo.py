@@ -70,6 +70,7 @@ def score_examples(checkpoint: Path, run_dir: Path, seed: int = 0) -> list[dict[
 def tour(output: str | Path = "runs/demo", progress: bool = True) -> Path:
     from .clip_finetune import train
     from .finetune_report import headline
+    from .runs import FINAL
     from .digits import run as run_digits
 
     run_dir = Path(output)
@@ -94,7 +95,7 @@ def tour(output: str | Path = "runs/demo", progress: bool = True) -> Path:
     print(shapes_table)
 
     print("(c) scoring pairs with the built-in threshold")
-    examples = score_examples(config.run_dir() / "checkpoint", run_dir)
+    examples = score_examples(config.run_dir() / FINAL, run_dir)
     example_rows = [[f"![{e['image']}]({e['image'].replace(' ', '_')}.png)", e["caption"], e["kind"],
                      f"{e['probability']:.3f}", "ACCEPT" if e["accept"] else "REJECT"] for e in examples]
     for e in examples:

@@ -10,6 +10,12 @@ Both recipes follow the same rules:
   recipe's folder);
 - a resumed run restores the RNG state and its position in the data and
   drops the log lines written after the checkpoint (:class:`JsonlLog`).
+
+One vocabulary for what a run folder holds (:data:`FINAL`, :data:`INITIAL`, :data:`CHECKPOINTS`): the
+resumable training state under ``checkpoints/`` (the fine-tuning recipe's ``checkpoints/step-N/``, the CIFAR
+recipe's ``checkpoints/latest.pt``), the model the run ends with in ``final/`` (the scorer's checkpoint) and
+the one it started from in ``initial/`` (WiSE-FT's alpha 0). Runs written before 2026-12-07 named them
+``checkpoint/``, ``checkpoint-initial/`` and ``checkpoint.pt``; :func:`run_path` finds those too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import torch
 from ..io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
+    "CHECKPOINTS",
+    "FINAL",
+    "INITIAL",
     "JsonlLog",
     "RunPosition",
     "check_resume",
@@ -36,10 +45,27 @@ __all__ = [
     "refuse_to_overwrite",
     "resolve_resume",
     "rng_state",
+    "run_path",
     "save_accelerate_state",
     "save_state_file",
     "set_rng_state",
 ]
+
+
+#: the model a fine-tuning run ends with (the scorer's checkpoint), the one it started from (WiSE-FT's alpha
+#: 0), and the CIFAR recipe's resumable checkpoint
+FINAL, INITIAL, CHECKPOINTS = "final", "initial", "checkpoints"
+CIFAR_CHECKPOINT = f"{CHECKPOINTS}/latest.pt"
+#: the names runs written before 2026-12-07 used
+LEGACY_NAMES = {FINAL: "checkpoint", INITIAL: "checkpoint-initial", CIFAR_CHECKPOINT: "checkpoint.pt"}
+
+
+def run_path(run_dir: str | os.PathLike, name: str) -> Path:
+    """``run_dir / name`` (one of :data:`FINAL`, :data:`INITIAL`, :data:`CIFAR_CHECKPOINT`), or an older run's
+    name for it where only that exists (so that an older run is read, resumed and written where it was)."""
+    run_dir = Path(run_dir)
+    current, legacy = run_dir / name, run_dir / LEGACY_NAMES[name]
+    return legacy if not current.exists() and legacy.exists() else current
 
 
 def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> None:
@@ -81,6 +107,7 @@ def save_state_file(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """``torch.save`` through a temporary file: a crash leaves the previous checkpoint. ``state`` holds only
     what :func:`load_state_file` reads without the code-running unpickler (tensors, numbers, strings,
     lists, tuples, dicts: :func:`rng_state`'s form)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)

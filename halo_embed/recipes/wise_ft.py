@@ -4,9 +4,10 @@ the run's validation data, its zero-shot accuracy on ``--zeroshot-data``, and a 
     halo-embed finetune ... --zeroshot-data imagenet-val/ --wise-ft 0 0.25 0.5 0.75 1     # at the end of a run
     halo-embed wise-ft runs/finetune-halo --alphas 0 0.25 0.5 0.75 1                      # on a finished run
 
-The run folder holds ``checkpoint-initial/`` (the model before the first
+The run folder holds ``initial/`` (the model before the first
 step: for HALO after the adapter's statistics are measured; written when the run was
-started with ``--wise-ft``) and ``checkpoint/`` (the fine-tuned model). The
+started with ``--wise-ft``) and ``final/`` (the fine-tuned model; an older run's ``checkpoint-initial/`` and
+``checkpoint/`` are read too). The
 sweep writes ``<output>/alpha-<alpha>/`` (a checkpoint per alpha: for HALO the
 scorer loads it), ``wise_ft.json``, ``wise_ft.md`` and ``wise_ft.png`` (the
 trade-off between the fine-tuning task's mean recall and the zero-shot
@@ -26,6 +27,7 @@ import torch
 
 from .finetune_config import FinetuneConfig
 from .finetune_report import tradeoff_plot, wise_ft_table
+from .runs import FINAL, INITIAL, run_path
 
 __all__ = ["alpha_folder", "mean_recall", "sweep", "tradeoff_plot", "wise_ft_table"]
 
@@ -39,10 +41,9 @@ For each alpha the model with weights ``(1 - alpha) * initial + alpha *
 fine-tuned`` (Wortsman et al., 2022) is evaluated on the run's validation data
 (retrieval, rejection) and its ``--zeroshot-data`` (zero-shot accuracy), and
 saved as a checkpoint (HALO's load in ``halo-embed score``). The run must have
-been started with ``--wise-ft`` (which keeps ``checkpoint-initial/``).
+been started with ``--wise-ft`` (which keeps ``initial/``).
 """
 
-INITIAL, FINETUNED = "checkpoint-initial", "checkpoint"
 
 
 def alpha_folder(alpha: float) -> str:
@@ -72,7 +73,7 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     """Evaluate and save the WiSE-FT model of ``run_dir`` at each alpha; returns what ``wise_ft.json`` holds.
 
     Raises:
-        FileNotFoundError: the run folder lacks ``config.json``, ``checkpoint-initial/`` or ``checkpoint/``.
+        FileNotFoundError: the run folder lacks ``config.json``, ``initial/`` or ``final/``.
         ValueError: an alpha outside ``[0, 1]``, or no alpha.
     """
     from ..clip.checkpoint import load_model, save_checkpoint
@@ -90,11 +91,12 @@ def sweep(run_dir: str | Path, alphas: Sequence[float], device: str | torch.devi
     if any(not 0 <= a <= 1 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")
     config = config or run_config(run_dir)
-    for name in (INITIAL, FINETUNED):
-        if not (run_dir / name).is_dir():
+    for name in (INITIAL, FINAL):
+        if not run_path(run_dir, name).is_dir():
             hint = " (start the run with --wise-ft to keep the initial model)" if name == INITIAL else ""
             raise FileNotFoundError(f"{run_dir / name} is missing{hint}")
-    initial, finetuned = load_model(run_dir / INITIAL, device), load_model(run_dir / FINETUNED, device)
+    initial = load_model(run_path(run_dir, INITIAL), device)
+    finetuned = load_model(run_path(run_dir, FINAL), device)
     eval_data, zeroshot_data = eval_data_for(config), zeroshot_data_for(config)
     calibration_data = calibration_data_for(config)
     output = unused_path(Path(output) if output else run_dir / "wise_ft")  # created once every input is read
@@ -140,7 +142,7 @@ def _write_report(output: Path, config: FinetuneConfig, points: list[dict[str, A
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="a halo-embed finetune run folder (with checkpoint-initial/ and checkpoint/)")
+    parser.add_argument("run", help="a halo-embed finetune run folder (with initial/ and final/)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="interpolation weights of the fine-tuned model, in [0, 1] (default: 0 0.25 0.5 0.75 1)")
     parser.add_argument("--output", help="output folder (default: <run>/wise_ft, or the next free name)")
