@@ -3,6 +3,7 @@ the pretrained towers (MiniLM text, EfficientNet-Lite0 image), the dataset copie
 32 px, CIFAR-10, Flickr8k-1000) and, for ``--smoke``, a miniature of those copies generated in seconds.
 
     .venv/bin/python experiments/_shared.py fake DIR      # the miniature, for the shell scripts' SMOKE=1
+    .venv/bin/python experiments/_shared.py tiny-text DIR # the MiniLM stand-in, the same
 """
 
 from __future__ import annotations
@@ -41,6 +42,35 @@ def datasets(args: argparse.Namespace) -> Path:
     return path
 
 
+def tiny_text_tower(folder: str | Path) -> str:
+    """The MiniLM stand-in of ``--smoke``: a 2-layer BERT (32 positions) with random weights and a word-piece
+    tokenizer, built once under ``folder`` by the test suite's builder (tests/tiny_models.py)."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_models import tiny_bert_dir
+
+        tiny_bert_dir(folder)
+    return str(folder)
+
+
+def tiny_image_tower_weights(path: str | Path) -> str:
+    """The EfficientNet-Lite0 stand-in of ``--smoke``: the same architecture (timm's ``tf_efficientnet_lite0``)
+    with random weights, saved in the EfficientNet-PyTorch layout the real file uses."""
+    path = Path(path)
+    if not path.exists():
+        import timm
+        import torch
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_models import efficientnet_pytorch_state
+
+        torch.manual_seed(0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(efficientnet_pytorch_state(timm.create_model("tf_efficientnet_lite0", pretrained=False)), path)
+    return str(path)
+
+
 #: the CIFAR recipe's options under ``--smoke``: a width-4 network, one epoch on 100 images (seconds)
 SMOKE_CIFAR = {"width": 4, "epochs": 1, "train_limit": 100, "test_limit": 40, "ood_limit": 20, "batch_size": 32}
 
@@ -56,7 +86,8 @@ def cifar10_folder(args: argparse.Namespace) -> Path:
 def fake_datasets(folder: str | Path, per_class: int = 12) -> Path:
     """A miniature of ../shared/datasets under ``folder`` (random images, the same file layout and formats):
     CIFAR-10 (``per_class`` training and 4 test images per class), CIFAR-100 and SVHN arrays, MNIST idx files,
-    Flickr8k-1000 (24 images x 5 captions), Tiny-ImageNet-200 (16 classes x ``per_class``). Made once."""
+    Flickr8k-1000 (600 images x 5 captions: enough for a held-out split of the 50 images a decision fit
+    needs), Tiny-ImageNet-200 (16 classes x ``per_class``). Made once."""
     import gzip
     import io
 
@@ -98,7 +129,7 @@ def fake_datasets(folder: str | Path, per_class: int = 12) -> Path:
     (flickr / "images").mkdir(parents=True, exist_ok=True)
     colours, things = ["red", "green", "blue", "yellow"], ["dog", "child", "bike", "boat", "tree", "house"]
     lines = ["image,caption"]
-    for i, image in enumerate(pixels(24, 64)):
+    for i, image in enumerate(pixels(600, 64)):
         name = f"{i:04d}_flickr.jpg"
         Image.fromarray(image).save(flickr / "images" / name)
         lines += [f"{name},A {colours[(i + j) % 4]} {things[i % 6]} number {j} ." for j in range(5)]
@@ -185,6 +216,7 @@ def flickr_csvs(shared: str | Path, out: str | Path, images: int | None = None, 
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "fake":
-        raise SystemExit("usage: experiments/_shared.py fake DIR")
-    print(fake_datasets(sys.argv[2]))
+    commands = {"fake": fake_datasets, "tiny-text": tiny_text_tower}
+    if len(sys.argv) != 3 or sys.argv[1] not in commands:
+        raise SystemExit("usage: experiments/_shared.py fake|tiny-text DIR")
+    print(commands[sys.argv[1]](sys.argv[2]))

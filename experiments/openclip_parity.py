@@ -29,6 +29,7 @@ open_clip_train needs braceexpand and webdataset, which halo-embed does not inst
 them into runs/parity/_deps (PYTHONPATH of the open_clip runs only), never into the venv.
 
     .venv/bin/python experiments/openclip_parity.py                      # 3 seeds, both trainers
+    .venv/bin/python experiments/openclip_parity.py --smoke              # halo-embed's side, 10 steps, generated data
     .venv/bin/python experiments/openclip_parity.py --seeds 0 1 --variants openclip halo halo-clip1
     .venv/bin/python experiments/openclip_parity.py --into runs/parity/<folder> --seeds 0 1 2    # add seed 2
     .venv/bin/python experiments/openclip_parity.py --into runs/parity/<folder> --reuse-only \
@@ -49,8 +50,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _shared import add_common_options, datasets
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "datasets" / "flickr8k-1000"
+HALO_EMBED = str(Path(sys.executable).parent / "halo-embed")
 PY = sys.executable
 MODEL = "halo-tiny-vit"
 VARIANTS = ("openclip", "halo", "halo-clip1")
@@ -59,11 +62,12 @@ TRAIN_IMAGES = 800
 
 # ---------------------------------------------------------------------------------------------- data
 
-def write_csvs(out: Path, data: Path = DATA) -> tuple[Path, Path]:
-    """train.csv (first 800 images, every caption) and val.csv (the rest, every caption): filepath,title."""
+def write_csvs(out: Path, data: Path, train_images: int = TRAIN_IMAGES) -> tuple[Path, Path]:
+    """train.csv (the first ``train_images`` images, every caption) and val.csv (the rest, every caption):
+    filepath,title."""
     rows = list(csv.DictReader(open(data / "captions.csv", newline="", encoding="utf-8")))
     images = list(dict.fromkeys(r["image"] for r in rows))
-    train_set = set(images[:TRAIN_IMAGES])
+    train_set = set(images[:train_images])
     paths = {}
     for split, keep in (("train", lambda im: im in train_set), ("val", lambda im: im not in train_set)):
         path = out / f"{split}.csv"
@@ -98,7 +102,7 @@ def openclip_argv(args, seed: int, logs: Path, name: str, train_csv: Path) -> li
 
 def halo_log_flag() -> str:
     """``--log-every-n-steps`` if this checkout has it (a planned rename), else ``--log-every``."""
-    help_text = subprocess.run([str(REPO / ".venv/bin/halo-embed"), "finetune", "--help"], capture_output=True,
+    help_text = subprocess.run([HALO_EMBED, "finetune", "--help"], capture_output=True,
                                text=True).stdout
     return "--log-every-n-steps" if "--log-every-n-steps" in help_text else "--log-every"
 
@@ -402,14 +406,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--last", type=int, default=20, help="final loss: mean of the last this many steps")
-    parser.add_argument("--root", default=str(REPO / "runs" / "parity"))
+    parser.add_argument("--root", help="default: <--runs>/parity (parity-smoke)")
+    add_common_options(parser)
     parser.add_argument("--into", help="an earlier output folder to add runs to (finished runs with the same "
                                        "settings are reused, not retrained)")
     parser.add_argument("--reuse-only", action="store_true",
                         help="with --into: report the finished runs only, train nothing")
     args = parser.parse_args()
-
-    root = Path(args.root)
+    root = Path(args.root or Path(args.runs) / ("parity-smoke" if args.smoke else "parity"))
+    train_images = TRAIN_IMAGES
+    if args.smoke:  # halo-embed's side only (open_clip_train needs packages pip-installed under runs/), 10 steps
+        args.seeds, args.variants, args.batch_size, args.last, train_images = [0], ["halo"], 16, 2, 32
     if args.into:  # add seeds/variants to an earlier output folder: its finished runs are reused, never redone
         out = Path(args.into)
         train_csv, val_csv = out / "train.csv", out / "val.csv"
@@ -418,7 +425,7 @@ def main() -> None:
         while out.exists():  # never reuse an earlier run's folder
             out = out.with_name(out.name + "x")
         out.mkdir(parents=True)
-        train_csv, val_csv = write_csvs(out)
+        train_csv, val_csv = write_csvs(out, datasets(args) / "flickr8k-1000", train_images)
     n_train = sum(1 for _ in open(train_csv)) - 1
     steps = (n_train // args.batch_size) * args.epochs  # open_clip: num_batches (drop_last) * epochs
     print(f"output: {out}  ({n_train} training pairs, {steps} steps per run)", flush=True)
@@ -435,12 +442,12 @@ def main() -> None:
             if variant == "openclip":
                 cmd = [PY, __file__, "_openclip", *openclip_argv(args, seed, out, name, train_csv)]
             elif variant == "halo":
-                cmd = [str(REPO / ".venv/bin/halo-embed"), "finetune",
+                cmd = [HALO_EMBED, "finetune",
                        *halo_argv(args, seed, out, name, train_csv, val_csv, steps)]
             else:  # halo-clip1: halo-embed's default clipping (1.0), everything else the same
                 argv = halo_argv(args, seed, out, name, train_csv, val_csv, steps)
                 argv[argv.index("--grad-clip-norm") + 1] = "1.0"
-                cmd = [str(REPO / ".venv/bin/halo-embed"), "finetune", *argv]
+                cmd = [HALO_EMBED, "finetune", *argv]
             run_dir = out / name
             if args.reuse_only and not run_dir.exists():
                 print(f"{name}: not run (--reuse-only)", flush=True)

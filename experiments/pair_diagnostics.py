@@ -1,9 +1,10 @@
 """Where a fine-tuned HALO CLIP puts images and captions, and which pair rule it should use.
 
 Usage: .venv/bin/python experiments/pair_diagnostics.py RUN_DIR [RUN_DIR ...]
+       .venv/bin/python experiments/pair_diagnostics.py --smoke     # a 2-step shapes run, then its diagnosis
 
 RUN_DIR is a HALO run of `halo-embed finetune` (it holds `config.json` and
-`checkpoint/`, e.g. `runs/shapes/halo` after `experiments/shapes.sh`). On the
+`final/`, e.g. `runs/shapes/halo` after `experiments/shapes.sh`). On the
 run's own validation pairs (the same ones its report uses) this prints:
 
 - caption geometry: mean-square distance (``|a - b|^2 / D``) between two
@@ -27,7 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _shared import add_common_options  # noqa: E402
+
 from halo_embed import geometry  # noqa: E402
+from halo_embed.io import unused_path  # noqa: E402
 from halo_embed.clip.checkpoint import load_checkpoint  # noqa: E402
 from halo_embed.clip.evaluate import HALOView, evaluate_alignment  # noqa: E402
 from halo_embed.recipes.runs import FINAL, run_path  # noqa: E402
@@ -64,9 +68,22 @@ def image_to_caption(embeddings: dict, text_groups: torch.Tensor) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders of halo-embed finetune (config.json + checkpoint/)")
+    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                        help="run folders of halo-embed finetune (config.json + final/)")
+    add_common_options(parser, data=False)
     args = parser.parse_args()
-    for run in map(Path, args.runs):
+    if args.smoke:
+        from halo_embed.cli import main as halo_embed
+
+        folder = unused_path(Path(args.runs) / "pair-diagnostics-smoke")
+        smoke = ["--max-steps", "2", "--batch-size", "8", "--eval-images", "16", "--adapter-samples", "16",
+                 "--shapes-train-images", "32", "--shapes-val-images", "16", "--report-to", "none", "--no-progress"]
+        if halo_embed(["finetune", "--loss", "halo", "--output", str(folder.parent), "--name", folder.name, *smoke]):
+            raise SystemExit("the smoke run's fine-tuning failed")
+        args.run_dirs = [str(folder)]
+    if not args.run_dirs:
+        parser.error("give at least one RUN_DIR (or --smoke)")
+    for run in map(Path, args.run_dirs):
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         config = FinetuneConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items()
                                    if k in fields})

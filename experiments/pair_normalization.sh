@@ -5,8 +5,10 @@
 # Then where each HALO run put images and captions (experiments/pair_diagnostics.py).
 #   SET=cifar10 experiments/pair_normalization.sh    # CIFAR-10 class captions, ~5 minutes per run on 2 CPU cores
 #   SET=flickr experiments/pair_normalization.sh     # Flickr8k-1000 with MiniLM, ~8 minutes per run
+# RUNS, SMOKE=1: see experiments/_common.sh (passed on to the two scripts it runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/_common.sh
 SET=${SET:-cifar10}
 case "$SET" in
   cifar10) run=(experiments/cifar10_captions.sh); base=cifar10-captions-norm ;;
@@ -18,4 +20,4 @@ set -x
 "${run[@]}" --loss halo --normalization running --name "$base-running" --no-progress "$@"
 "${run[@]}" --loss halo --normalization running --rejection-weight 1 --norm-weight 1 \
   --name "$base-running-terms" --no-progress "$@"
-.venv/bin/python experiments/pair_diagnostics.py "runs/$base/halo" "runs/$base-running" "runs/$base-running-terms"
+"$PYTHON" experiments/pair_diagnostics.py "$RUNS/$base/halo" "$RUNS/$base-running" "$RUNS/$base-running-terms"

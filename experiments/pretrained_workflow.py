@@ -28,27 +28,37 @@ import argparse
 import json
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
-from _shared import flickr_csvs
+from _shared import add_common_options, datasets, flickr_csvs
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "a photo of a {}."
+HALO_EMBED = str(Path(sys.executable).parent / "halo-embed")
+#: ``--smoke``: two steps on the generated Flickr copy (no held-out split: it needs 50 images)
+SMOKE_FINETUNE = "--max-steps 2 --batch-size 8 --eval-images 8 --report-to none --calibration-split 0"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("pretrain", "finetune", "report", "all"))
-    parser.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "workflow"))
-    parser.add_argument("--lit", default=str(REPO / "runs" / "lit"), help="lit_pretrain.py's --out")
+    add_common_options(parser)
+    parser.add_argument("--out", help="default: <--runs>/workflow (workflow-smoke)")
+    parser.add_argument("--lit", help="lit_pretrain.py's --out (default: <--runs>/lit, lit-smoke)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--losses", nargs="+", default=["halo", "clip"])
     parser.add_argument("--alphas", nargs="+", default=["0", "0.25", "0.5", "0.75", "1"])
     parser.add_argument("--zeroshot-images", type=int, default=1000)
     parser.add_argument("--finetune-args", default="--preset small-data --lock-image-freeze-bn-stats",
                         help="further halo-embed finetune options")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    suffix = "-smoke" if args.smoke else ""
+    args.out = args.out or str(Path(args.runs) / f"workflow{suffix}")
+    args.lit = args.lit or str(Path(args.runs) / f"lit{suffix}")
+    if args.smoke:
+        args.zeroshot_images, args.alphas = 8, ["0", "1"]
+        args.finetune_args = f"{args.finetune_args} {SMOKE_FINETUNE}"
+    return args
 
 
 # ---------------------------------------------------------------------------
@@ -59,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def pretrain(args) -> None:
     import lit_pretrain
 
-    lit_pretrain.main(["--out", args.lit, "--shared", args.shared, "--seed", str(args.seed)])
+    lit_pretrain.main(["--out", args.lit, "--data", args.data, "--runs", args.runs, "--seed", str(args.seed)]
+                      + (["--smoke"] if args.smoke else []))
 
 
 # ---------------------------------------------------------------------------
@@ -67,12 +78,12 @@ def pretrain(args) -> None:
 # ---------------------------------------------------------------------------
 
 
-def finetune_command(out: str | Path, zeroshot_images: int, lit: str | Path = REPO / "runs" / "lit") -> list[str]:
+def finetune_command(out: str | Path, zeroshot_images: int, lit: str | Path) -> list[str]:
     """``halo-embed finetune`` from the pretrained start on Flickr8k-1000 (MiniLM locked) with the unseen
     Tiny-ImageNet classes as zero-shot data: what this script and ``small_data_preset.py`` run."""
     out, lit = Path(out), Path(lit)
     flickr, zeroshot = out / "flickr", lit / "zeroshot-unseen"
-    return [str(REPO / ".venv" / "bin" / "halo-embed"), "finetune", "--model", f"local-dir:{lit / 'lit-effnet-minilm'}",
+    return [HALO_EMBED, "finetune", "--model", f"local-dir:{lit / 'lit-effnet-minilm'}",
             "--lock-text", "--lock-text-freeze-layer-norm", "--calibration-split", "0.1",
             "--train-data", str(flickr / "train.csv"), "--val-data", str(flickr / "val.csv"),
             "--zeroshot-data", str(zeroshot / "images"), "--zeroshot-classnames", str(zeroshot / "classnames.tsv"),
@@ -81,12 +92,13 @@ def finetune_command(out: str | Path, zeroshot_images: int, lit: str | Path = RE
 
 
 def finetune(args) -> None:
-    flickr_csvs(args.shared, Path(args.out) / "flickr")
+    shared = datasets(args)
+    flickr_csvs(shared, Path(args.out) / "flickr", val_images=8 if args.smoke else 200)
     if all((Path(args.out) / "finetune" / loss / "report.md").exists() for loss in args.losses):
         print("fine-tuning runs exist")
         return
     command = [*finetune_command(args.out, args.zeroshot_images, args.lit), "--loss", *args.losses,
-               "--ood-data", str(Path(args.shared) / "svhn-partial.npz"), "--wise-ft", *args.alphas,
+               "--ood-data", str(shared / "svhn-partial.npz"), "--wise-ft", *args.alphas,
                "--seed", str(args.seed), "--output", args.out, "--name", "finetune",
                *shlex.split(args.finetune_args)]
     if (Path(args.out) / "finetune").exists():

@@ -17,11 +17,11 @@ shared feature cache) and ``partial`` (``--preset small-data``: the image tower'
 After the runs, ``posthoc`` scores each run's checkpoints on the 50 Tiny-ImageNet classes the pretrained
 model never saw and measures a cosine threshold carried over from another data set (the best threshold on
 Tiny-ImageNet class-prompt pairs, applied to Flickr pairs); ``report`` writes the tables (mean and sample
-std over seeds) to ``<out>/report.md`` and ``<out>/summary.json``.
+std over seeds) to ``<out>/report-<setting>.md`` and ``<out>/summary-<setting>.json``.
 
     .venv/bin/python experiments/real_start.py run --setting heads --seeds 0 1 2
     .venv/bin/python experiments/real_start.py posthoc report
-    .venv/bin/python experiments/real_start.py run --smoke        # the code path on a few images (the suite)
+    .venv/bin/python experiments/real_start.py run posthoc report --smoke   # generated data, random towers (the suite)
 
 A run whose ``report.md`` exists is skipped, one with a folder but no report is resumed (``--resume latest``).
 """
@@ -39,11 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _shared import cifar10, flickr_csvs
+from _shared import add_common_options, cifar10, datasets, flickr_csvs
 
 from halo_embed.recipes.runs import FINAL, INITIAL, run_path
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "halo-sphere": ["--loss", "halo", "--normalization", "sphere"],
     "halo-fixed": ["--loss", "halo", "--normalization", "fixed"],
@@ -62,23 +61,29 @@ TEMPLATE = "a photo of a {}."
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+", choices=("run", "posthoc", "report"))
-    parser.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"))
-    parser.add_argument("--lit", default=str(REPO / "runs" / "lit"), help="lit_pretrain.py's --out")
-    parser.add_argument("--out", default=str(REPO / "runs" / "real"))
+    add_common_options(parser)
+    parser.add_argument("--lit", help="lit_pretrain.py's --out (default: <--runs>/lit, lit-smoke)")
+    parser.add_argument("--out", help="default: <--runs>/real (real-smoke)")
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="heads")
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--zeroshot-images", type=int, default=2000)
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--extra", default="", help="further halo-embed finetune options")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the code path, not a result")
     args = parser.parse_args(argv)
+    suffix = "-smoke" if args.smoke else ""
+    args.lit = args.lit or str(Path(args.runs) / f"lit{suffix}")
+    args.out = args.out or str(Path(args.runs) / f"real{suffix}")
+    args.shared = str(datasets(args))
+    args.data_root = Path(args.runs) / ("smoke-data" if args.smoke else "data")
     if args.smoke:
         args.seeds, args.variants = [0], ["halo-sphere", "clip"]
-        args.zeroshot_images, args.eval_images = 40, 20
-        args.lit = str(Path(args.lit).with_name(Path(args.lit).name + "-smoke"))
-        args.out = str(Path(args.out).with_name(Path(args.out).name + "-smoke"))
+        args.zeroshot_images, args.eval_images = 40, 60  # 60: the prompt-pair decision fit needs 50 images
         args.extra = (args.extra + " --max-steps 2 --epochs 1 --save-every 2").strip()
+        if not (Path(args.lit) / "pretrain.json").exists():  # lit_pretrain.py --smoke's start
+            import lit_pretrain
+
+            lit_pretrain.main(["--smoke", "--out", args.lit, "--data", args.data, "--runs", args.runs])
     return args
 
 
@@ -97,10 +102,10 @@ def finetune_command(args, variant: str, seed: int) -> list[str]:
     train, val = flickr_csvs(args.shared, Path(args.out) / "flickr", 560 if args.smoke else None,
                              20 if args.smoke else 200)  # smoke: 10 % of 560 is the 56 a decision fit needs
     lit_folder = Path(args.lit) / "lit-effnet-minilm"
-    cifar_test = cifar10(REPO / "runs" / "data" / "cifar10", args.shared) / "test"
+    cifar_test = cifar10(args.data_root / "cifar10", args.shared) / "test"
     folder = run_dir(args, variant, seed)
     variant_args = [a.format(scale=f"{lit_scale(lit_folder):.6g}") for a in VARIANTS[variant]]
-    command = [str(REPO / ".venv" / "bin" / "halo-embed"), "finetune", "--model", f"local-dir:{lit_folder}",
+    command = [str(Path(sys.executable).parent / "halo-embed"), "finetune", "--model", f"local-dir:{lit_folder}",
                "--train-data", str(train), "--val-data", str(val), "--calibration-split", "0.1",
                "--ood-data", str(Path(args.shared) / "svhn-partial.npz"), str(Path(args.shared) / "mnist-test"),
                "--zeroshot-data", str(cifar_test), "--zeroshot-images", str(args.zeroshot_images),
@@ -157,13 +162,13 @@ def prompt_pairs(data, seed: int) -> tuple[list, list[str], list[str]]:
 @torch.no_grad()
 def carried_threshold(model, data, seed: int) -> float:
     """The best threshold on the pair score for Tiny-ImageNet class-prompt pairs (another data set)."""
-    from halo_embed.clip.evaluate import _embed_images, _embed_texts, view_of
+    from halo_embed.clip.evaluate import embed_images, embed_texts, view_of
     from halo_embed.eval import best_threshold
 
     view = view_of(model)
     images, aligned, mismatched = prompt_pairs(data, seed)
-    pixels = _embed_images(view, images, view.backbone.image_transform(False), "cpu", 128)
-    scores = [view.pair_scores(pixels, _embed_texts(view, texts, "cpu", 128)).numpy() for texts in (aligned, mismatched)]
+    pixels = embed_images(view, images, view.backbone.image_transform(False), "cpu", 128)
+    scores = [view.pair_scores(pixels, embed_texts(view, texts, "cpu", 128)).numpy() for texts in (aligned, mismatched)]
     return best_threshold(scores[0], scores[1])[0]
 
 
@@ -174,15 +179,15 @@ def zeroshot_scores(model, data, ood_images) -> dict[str, float]:
     of the cosines at temperature 1)."""
     import torch.nn.functional as F
 
-    from halo_embed.clip.evaluate import _embed_images, view_of
+    from halo_embed.clip.evaluate import embed_images, view_of
     from halo_embed.clip.zeroshot import class_prototypes
     from halo_embed.eval import ood_metrics
 
     view = view_of(model)
     prototypes = F.normalize(class_prototypes(view, data.classnames, [TEMPLATE]), dim=-1)
     transform = view.backbone.image_transform(False)
-    known = F.normalize(_embed_images(view, data.images, transform, "cpu", 128), dim=-1) @ prototypes.T
-    unknown = F.normalize(_embed_images(view, ood_images, transform, "cpu", 128), dim=-1) @ prototypes.T
+    known = F.normalize(embed_images(view, data.images, transform, "cpu", 128), dim=-1) @ prototypes.T
+    unknown = F.normalize(embed_images(view, ood_images, transform, "cpu", 128), dim=-1) @ prototypes.T
     scores = {"best prompt's cosine": lambda c: c.max(1).values, "MCM": lambda c: c.softmax(1).max(1).values}
     return {name: ood_metrics(f(known).numpy(), f(unknown).numpy())["auroc"] for name, f in scores.items()}
 
@@ -192,13 +197,13 @@ def prompt_calibrated_zeroshot(model, train_data, test_data, ood_images, seed: i
     """HALO's zero-shot decision fitted on the zero-shot domain's own held-out pairs (``halo-embed
     calibrate``'s fit): CIFAR-10 *training* images with their class prompt (aligned) and another class's
     (mismatched); then CIFAR-10 test vs SVHN with that decision."""
-    from halo_embed.clip.evaluate import _embed_images, _embed_texts, view_of
+    from halo_embed.clip.evaluate import embed_images, embed_texts, view_of
     from halo_embed.clip.zeroshot import evaluate_zeroshot
 
     view = view_of(model)
     images, aligned, mismatched = prompt_pairs(train_data, seed)
-    embedded = _embed_images(view, images, view.backbone.image_transform(False), "cpu", 128)
-    model.fit_decision(embedded, _embed_texts(view, aligned, "cpu", 128), _embed_texts(view, mismatched, "cpu", 128),
+    embedded = embed_images(view, images, view.backbone.image_transform(False), "cpu", 128)
+    model.fit_decision(embedded, embed_texts(view, aligned, "cpu", 128), embed_texts(view, mismatched, "cpu", 128),
                        source=f"{len(images)} CIFAR-10 training images with class prompts")
     result = evaluate_zeroshot(view, test_data, [TEMPLATE], ood={"svhn": ood_images})
     return {"decision": model.decision.to_dict(), "abstain_rate": result["abstain_rate"],
@@ -220,7 +225,7 @@ def posthoc(args) -> None:
     seen = load_zeroshot_data(lit / "zeroshot-seen" / "images", lit / "zeroshot-seen" / "classnames.tsv",
                               limit=1000, seed=0)
     cache_dir = Path(args.out) / "feature_cache"
-    cifar = cifar10(REPO / "runs" / "data" / "cifar10", args.shared)
+    cifar = cifar10(args.data_root / "cifar10", args.shared)
     svhn = ImageCollection(Path(args.shared) / "svhn-partial.npz", limit=args.eval_images)
     svhn = [svhn[i] for i in range(len(svhn))]
     for seed in args.seeds:

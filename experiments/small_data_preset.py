@@ -9,6 +9,7 @@ writes ``<out>/small_data_grid.md`` / ``.json``; a setting whose run folder has 
 
     .venv/bin/python experiments/pretrained_workflow.py pretrain      # once: the pretrained model
     .venv/bin/python experiments/small_data_preset.py                 # about 7 minutes per setting (2 CPU cores)
+    .venv/bin/python experiments/small_data_preset.py --smoke         # one setting, two steps, generated data
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-from pretrained_workflow import finetune_command  # noqa: E402  (same folder)
+from _shared import add_common_options, datasets, flickr_csvs
+from pretrained_workflow import SMOKE_FINETUNE, finetune_command
 
 #: name -> finetune options; every setting trains 3 epochs unless it says otherwise
 GRID = {
@@ -42,20 +42,33 @@ def main(argv=None) -> None:
     from halo_embed.recipes.wise_ft import mean_recall
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workflow", default=str(REPO / "runs" / "workflow"), help="pretrained_workflow.py's --out")
-    parser.add_argument("--out", default=str(REPO / "runs" / "small_data"))
+    add_common_options(parser)
+    parser.add_argument("--workflow", help="pretrained_workflow.py's --out (default: <--runs>/workflow)")
+    parser.add_argument("--lit", help="lit_pretrain.py's --out (default: <--runs>/lit)")
+    parser.add_argument("--out", help="default: <--runs>/small_data")
     parser.add_argument("--losses", nargs="+", default=["halo"])
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(GRID))
     args = parser.parse_args(argv)
-    workflow, out = Path(args.workflow), Path(args.out)
+    suffix = "-smoke" if args.smoke else ""
+    workflow = Path(args.workflow or Path(args.runs) / f"workflow{suffix}")
+    lit = Path(args.lit or Path(args.runs) / f"lit{suffix}")
+    out = Path(args.out or Path(args.runs) / f"small_data{suffix}")
+    extra = []
+    if args.smoke:  # the pretrained start and the Flickr CSVs of pretrained_workflow.py --smoke, then 2 steps
+        import lit_pretrain
+
+        if not (lit / "pretrain.json").exists():
+            lit_pretrain.main(["--smoke", "--out", str(lit), "--data", args.data, "--runs", args.runs])
+        flickr_csvs(datasets(args), workflow / "flickr", val_images=8)
+        args.settings, extra = ["lr1e-4-image-last2"], shlex.split(SMOKE_FINETUNE) + ["--zeroshot-images", "8"]
     rows, results = [], {}
     for setting in args.settings:
         for loss in args.losses:
             name = f"{setting}-{loss}"
             run = out / name
             if not (run / "report.md").exists():
-                command = [*finetune_command(workflow, 1000), "--loss", loss, "--batch-size", "64", "--epochs", "3",
-                           "--seed", "0", "--output", str(out), "--name", name, *shlex.split(GRID[setting])]
+                command = [*finetune_command(workflow, 1000, lit), "--loss", loss, "--batch-size", "64", "--epochs", "3",
+                           "--seed", "0", "--output", str(out), "--name", name, *shlex.split(GRID[setting]), *extra]
                 print("+ " + shlex.join(command), flush=True)
                 subprocess.run(command, check=True)
             metrics = json.loads((run / "metrics.json").read_text())

@@ -26,7 +26,8 @@ threshold tuned on the other half; for HALO also the decision with the sink's bi
 (``HALOHead.can_abstain``). CLIP's score is MCM (maximum softmax over cosine / tau, tau = 1 as in
 Ming et al., 2022) and its own softmax (tau = 1 / the learnt logit scale).
 
-Usage (with the defaults about 15 minutes per loss on an idle 2-core CPU machine, measured 2026-11-30):
+Usage (with the defaults about 15 minutes per loss on an idle 2-core CPU machine, measured 2026-11-30;
+``--smoke``: seconds, on generated data with a random 2-layer BERT for MiniLM):
 
     .venv/bin/python experiments/tinyimagenet_zeroshot.py
     .venv/bin/python experiments/tinyimagenet_zeroshot.py --losses halo --init-gamma reference
@@ -58,7 +59,7 @@ from halo_embed.io import atomic_write_json, unused_path
 from halo_embed.recipes.cifar_config import parse_init_gamma
 from halo_embed.recipes.common import warmup_cosine
 
-from _shared import minilm_folder, tinyimagenet
+from _shared import add_common_options, datasets, minilm_folder, tiny_text_tower, tinyimagenet
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 TEMPLATE = "a photo of a {}."
@@ -70,11 +71,16 @@ TEMPLATE = "a photo of a {}."
 
 
 def load_split(args) -> dict:
-    root = Path(args.data_dir)
-    names = tinyimagenet(root, args.shared)
+    shared = datasets(args)
+    root = Path(args.data_dir or Path(args.runs) / ("smoke-data" if args.smoke else "data") / "tinyimagenet32")
+    names = tinyimagenet(root, shared)
     wnids = sorted(names)
     random.Random(0).shuffle(wnids)  # the seen / unseen choice is fixed, independent of --seed
-    seen, unseen = wnids[:150], wnids[150:200]
+    seen, unseen = wnids[: len(wnids) * 3 // 4], wnids[len(wnids) * 3 // 4:]  # 150 and 50 of the 200
+    per_class = len(list((root / "train" / seen[0]).iterdir()))  # 500
+    if not 0 < args.test_per_class <= per_class // 10 or not 0 < args.train_per_class <= per_class - args.test_per_class:
+        raise SystemExit(f"--train-per-class + --test-per-class must fit in the {per_class} images of a class "
+                         f"(--test-per-class at most {per_class // 10})")
 
     from PIL import Image
 
@@ -88,22 +94,23 @@ def load_split(args) -> dict:
         return ImageArray(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels, name,
                           [names[w] for w in wnids_])
 
-    test_start = 500 - args.test_per_class  # the last images of each class; training takes the first ones
+    test_start = per_class - args.test_per_class  # the last images of each class; training takes the first ones
     return {
         "train": array(seen, 0, args.train_per_class, "seen-train"),
         "seen": array(seen, test_start, args.test_per_class, "seen-test"),
         "unseen": array(unseen, test_start, args.test_per_class, "unseen-test"),
-        "far": {Path(spec).stem: load_ood(spec, args.data_dir, False, args.far_limit)
-                for spec in (f"{args.shared}/svhn-partial.npz", f"{args.shared}/mnist-test")},
+        "far": {Path(spec).stem: load_ood(spec, root, False, args.far_limit)
+                for spec in (f"{shared}/svhn-partial.npz", f"{shared}/mnist-test")},
         "seen_names": [names[w] for w in seen],
         "unseen_names": [names[w] for w in unseen],
     }
 
 
 def minilm_config(out_dir: Path, args) -> Path:
-    """An open_clip config: MiniLM as the text tower (no projection), a small ViT at 32 px."""
-    minilm = minilm_folder()
-    config = {"embed_dim": 384,
+    """An open_clip config: MiniLM as the text tower (no projection: D is its width, 384), a small ViT at 32 px;
+    under ``--smoke`` a 2-layer BERT with random weights stands in for MiniLM."""
+    minilm = tiny_text_tower(Path(args.runs) / "smoke-data" / "tiny-text") if args.smoke else minilm_folder()
+    config = {"embed_dim": json.loads((Path(minilm) / "config.json").read_text())["hidden_size"],
               "vision_cfg": {"image_size": 32, "patch_size": 4, "layers": args.vit_layers, "width": args.vit_width,
                              "head_width": 64},
               "text_cfg": {"hf_model_name": minilm, "hf_tokenizer_name": minilm, "hf_pooler_type": "mean_pooler",
@@ -299,8 +306,8 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shared", default="../shared/datasets")
-    parser.add_argument("--data-dir", default="runs/data/tinyimagenet32")
+    add_common_options(parser)
+    parser.add_argument("--data-dir", help="the unpacked Tiny-ImageNet copy (default: under --runs/data)")
     parser.add_argument("--losses", nargs="+", choices=("halo", "clip"), default=["halo", "clip"])
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=20)
@@ -316,18 +323,19 @@ def main() -> None:
     parser.add_argument("--normalization", choices=("fixed", "running"), default="fixed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not 0 < args.test_per_class <= 50 or not 0 < args.train_per_class <= 500 - args.test_per_class:
-        parser.error("--train-per-class + --test-per-class must fit in the 500 images of a class "
-                     "(--test-per-class at most 50)")
+    if args.smoke:
+        args.train_per_class, args.test_per_class, args.far_limit, args.epochs = 6, 1, 8, 1
+        args.batch_size, args.vit_layers, args.vit_width = 16, 1, 64  # head_width 64: one head
 
     set_seed(args.seed)
-    out_dir = Path("runs/zeroshot")
+    out_dir = Path(args.runs) / "zeroshot"
     out = unused_path(out_dir / "tinyimagenet.json")  # chosen once; rewritten after every loss
     data = load_split(args)
     config_path = minilm_config(out_dir, args)
-    print(f"{len(data['train'])} training images of 150 seen classes; {len(data['seen'])} seen / "
+    print(f"{len(data['train'])} training images of {len(data['seen_names'])} seen classes; {len(data['seen'])} seen / "
           f"{len(data['unseen'])} unseen test images; far-OOD {', '.join(data['far'])}", flush=True)
-    calibration = AugmentedBatches(data["train"], 128, MEAN, STD, train=True, seed=args.seed + 1)
+    calibration = AugmentedBatches(data["train"], min(128, len(data["train"])), MEAN, STD, train=True,
+                                   seed=args.seed + 1)
     results = {}
     for loss in args.losses:
         set_seed(args.seed)

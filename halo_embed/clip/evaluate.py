@@ -44,8 +44,8 @@ from ..eval import best_threshold, binary_calibration, ood_metrics, retrieval_re
 from .backbones import move_tokens
 from .decision import PairDecision
 
-__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "calibration_scores", "evaluate_alignment",
-           "view_of"]
+__all__ = ["AlignmentEvalData", "CosineView", "HALOView", "build_eval_data", "calibration_scores", "embed_images",
+           "embed_texts", "evaluate_alignment", "view_of"]
 
 
 class HALOView:
@@ -262,9 +262,9 @@ class _ImageItems(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def _embed_images(view, images: Sequence[Any], transform: Callable, device, batch_size: int,
+def embed_images(view, images: Sequence[Any], transform: Callable, device, batch_size: int,
                   workers: int = 0) -> Tensor:
-    """``(N, D)`` embeddings of PIL images or image paths, in order."""
+    """``(N, D)`` embeddings of PIL images or image paths, in order (the view's adapted space)."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(_ImageItems(images, transform), batch_size=batch_size, num_workers=workers)
@@ -272,7 +272,8 @@ def _embed_images(view, images: Sequence[Any], transform: Callable, device, batc
 
 
 @torch.no_grad()
-def _embed_texts(view, texts: Sequence[str], device, batch_size: int) -> Tensor:
+def embed_texts(view, texts: Sequence[str], device, batch_size: int) -> Tensor:
+    """``(N, D)`` embeddings of captions, in order (the view's adapted space: HALO's, or CLIP's normalised)."""
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = view.backbone.tokenize(list(texts[start : start + batch_size]))
@@ -287,8 +288,8 @@ def calibration_scores(view, data: AlignmentEvalData, device: str | torch.device
     ``aligned`` and ``shuffled`` sets) and their pair scores: ``images``, ``aligned_texts``,
     ``mismatched_texts`` ``(N, D)``; ``aligned``, ``mismatched`` ``(N,)`` numpy scores."""
     transform = view.backbone.image_transform(train=False)
-    image_emb = _embed_images(view, data.images, transform, device, batch_size)
-    text_emb = _embed_texts(view, data.texts, device, batch_size)
+    image_emb = embed_images(view, data.images, transform, device, batch_size)
+    text_emb = embed_texts(view, data.texts, device, batch_size)
     out: dict[str, Any] = {"images": image_emb}
     for name, key in (("aligned", "aligned"), ("shuffled", "mismatched")):
         refs, text_ids = data.pair_sets[name]
@@ -339,9 +340,9 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
     thresholds and Platt parameters used) and ``scores`` (per set, for plots).
     """
     transform = view.backbone.image_transform(train=False)
-    image_emb = _embed_images(view, data.images, transform, device, batch_size)
-    text_emb = _embed_texts(view, data.texts, device, batch_size)
-    ood_emb = {name: _embed_images(view, imgs, transform, device, batch_size) for name, imgs in data.ood_images.items()}
+    image_emb = embed_images(view, data.images, transform, device, batch_size)
+    text_emb = embed_texts(view, data.texts, device, batch_size)
+    ood_emb = {name: embed_images(view, imgs, transform, device, batch_size) for name, imgs in data.ood_images.items()}
     rules = _user_rules(calibration, carried_threshold)
 
     retrieval = retrieval_recall(

@@ -155,10 +155,10 @@ def load_zeroshot_data(path: str | Path, classnames: str | Path | None = None, l
 def class_prototypes(view, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                      device: str | torch.device = "cpu", batch_size: int = 256) -> Tensor:
     """``(C, D)`` class prototypes in the view's geometry (see the module docstring)."""
-    from .evaluate import _embed_texts
+    from .evaluate import embed_texts
 
     prompts = [t.format(name) for name in classnames for t in templates]
-    per_template = _embed_texts(view, prompts, device, batch_size).view(len(classnames), len(templates), -1)
+    per_template = embed_texts(view, prompts, device, batch_size).view(len(classnames), len(templates), -1)
     if view.metric == "cosine":
         return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
     return view.model.adapter.prototype(per_template.mean(dim=1))
@@ -191,12 +191,12 @@ def evaluate_zeroshot(view, data: ZeroShotData, templates: Sequence[str] = DEFAU
     if not isinstance(data, ZeroShotData):
         raise TypeError(f"data must be a ZeroShotData, got {type(data).__name__}")
     templates = read_templates(templates)
-    from .evaluate import _embed_images
+    from .evaluate import embed_images
 
     prototypes = class_prototypes(view, data.classnames, templates, device, batch_size)
     transform = view.backbone.image_transform(train=False)
-    images = _embed_images(view, data.images, transform, device, batch_size, workers)
-    ood_images = {name: _embed_images(view, items, transform, device, batch_size, workers)
+    images = embed_images(view, data.images, transform, device, batch_size, workers)
+    ood_images = {name: embed_images(view, items, transform, device, batch_size, workers)
                   for name, items in (ood or {}).items()}
     result: dict[str, Any] = {"images": len(data), "classes": len(data.classnames), "templates": len(templates)}
     if view.metric == "cosine":
