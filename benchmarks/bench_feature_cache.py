@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from _common import print_table, save
 
 REPO = Path(__file__).resolve().parents[1]
