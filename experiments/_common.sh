@@ -11,9 +11,8 @@ SMOKE_OPTIONS=()          # the CIFAR recipe's
 FINETUNE_SMOKE_OPTIONS=() # the fine-tuning recipe's
 if [ -n "${SMOKE:-}" ]; then
   SHARED=$("$PYTHON" experiments/_shared.py fake "$RUNS/smoke-data")
-  SMOKE_OPTIONS=(--width 4 --epochs 1 --batch-size 32 --train-limit 100 --test-limit 40 --ood-limit 20 --no-progress)
-  FINETUNE_SMOKE_OPTIONS=(--max-steps 2 --batch-size 8 --eval-images 16 --adapter-samples 16 --shapes-train-images 32
-                          --shapes-val-images 16 --zeroshot-images 16 --report-to none --no-progress)
+  read -ra SMOKE_OPTIONS <<< "$("$PYTHON" experiments/_shared.py cifar-smoke-options)"
+  read -ra FINETUNE_SMOKE_OPTIONS <<< "$("$PYTHON" experiments/_shared.py finetune-smoke-options)"
 fi
 if [ ! -d "$SHARED" ]; then
   echo "SHARED=$SHARED: no such folder (a copy laid out like ../shared/datasets)" >&2

@@ -4,6 +4,8 @@ the pretrained towers (MiniLM text, EfficientNet-Lite0 image), the dataset copie
 
     .venv/bin/python experiments/_shared.py fake DIR      # the miniature, for the shell scripts' SMOKE=1
     .venv/bin/python experiments/_shared.py tiny-text DIR # the MiniLM stand-in, the same
+    .venv/bin/python experiments/_shared.py cifar-smoke-options   # the recipes' smoke flags, the same
+    .venv/bin/python experiments/_shared.py finetune-smoke-options
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def tiny_image_tower_weights(path: str | Path) -> str:
 
 #: the CIFAR recipe's options under ``--smoke``: a width-4 network, one epoch on 100 images (seconds)
 SMOKE_CIFAR = {"width": 4, "epochs": 1, "train_limit": 100, "test_limit": 40, "ood_limit": 20, "batch_size": 32}
+#: ``halo-embed finetune``'s options under ``--smoke``: two steps of 8 pairs, small evaluations
+SMOKE_FINETUNE = ["--max-steps", "2", "--batch-size", "8", "--eval-images", "16", "--adapter-samples", "16",
+                  "--shapes-train-images", "32", "--shapes-val-images", "16", "--zeroshot-images", "16",
+                  "--report-to", "none", "--no-progress"]
+
+
+def cifar_smoke_options() -> list[str]:
+    """:data:`SMOKE_CIFAR` as ``halo-embed cifar`` flags (for the shell scripts)."""
+    flags = [[f"--{key.replace('_', '-')}", str(value)] for key, value in SMOKE_CIFAR.items()]
+    return [flag for pair in flags for flag in pair] + ["--no-progress"]
 
 
 def cifar10_folder(args: argparse.Namespace) -> Path:
@@ -216,7 +228,11 @@ def flickr_csvs(shared: str | Path, out: str | Path, images: int | None = None, 
 
 
 if __name__ == "__main__":
+    options = {"cifar-smoke-options": cifar_smoke_options, "finetune-smoke-options": lambda: SMOKE_FINETUNE}
     commands = {"fake": fake_datasets, "tiny-text": tiny_text_tower}
-    if len(sys.argv) != 3 or sys.argv[1] not in commands:
-        raise SystemExit("usage: experiments/_shared.py fake|tiny-text DIR")
-    print(commands[sys.argv[1]](sys.argv[2]))
+    if len(sys.argv) == 2 and sys.argv[1] in options:
+        print(" ".join(options[sys.argv[1]]()))
+    elif len(sys.argv) == 3 and sys.argv[1] in commands:
+        print(commands[sys.argv[1]](sys.argv[2]))
+    else:
+        raise SystemExit("usage: experiments/_shared.py fake|tiny-text DIR, or cifar-smoke-options|finetune-smoke-options")

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _shared import add_common_options  # noqa: E402
+from _shared import SMOKE_FINETUNE, add_common_options  # noqa: E402
 
 from halo_embed import geometry  # noqa: E402
 from halo_embed.io import unused_path  # noqa: E402
@@ -76,9 +76,8 @@ def main() -> None:
         from halo_embed.cli import main as halo_embed
 
         folder = unused_path(Path(args.runs) / "pair-diagnostics-smoke")
-        smoke = ["--max-steps", "2", "--batch-size", "8", "--eval-images", "16", "--adapter-samples", "16",
-                 "--shapes-train-images", "32", "--shapes-val-images", "16", "--report-to", "none", "--no-progress"]
-        if halo_embed(["finetune", "--loss", "halo", "--output", str(folder.parent), "--name", folder.name, *smoke]):
+        if halo_embed(["finetune", "--loss", "halo", "--output", str(folder.parent), "--name", folder.name,
+                       *SMOKE_FINETUNE]):
             raise SystemExit("the smoke run's fine-tuning failed")
         args.run_dirs = [str(folder)]
     if not args.run_dirs:

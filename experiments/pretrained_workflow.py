@@ -31,12 +31,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _shared import add_common_options, datasets, flickr_csvs
+from _shared import SMOKE_FINETUNE, add_common_options, datasets, flickr_csvs
 
 TEMPLATE = "a photo of a {}."
 HALO_EMBED = str(Path(sys.executable).parent / "halo-embed")
-#: ``--smoke``: two steps on the generated Flickr copy (no held-out split: it needs 50 images)
-SMOKE_FINETUNE = "--max-steps 2 --batch-size 8 --eval-images 8 --report-to none --calibration-split 0"
+#: ``--smoke``: the smoke fine-tuning without a held-out split (a decision fit needs 50 images)
+SMOKE_WORKFLOW = [*SMOKE_FINETUNE, "--calibration-split", "0"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out = args.out or str(Path(args.runs) / f"workflow{suffix}")
     args.lit = args.lit or str(Path(args.runs) / f"lit{suffix}")
     if args.smoke:
-        args.zeroshot_images, args.alphas = 8, ["0", "1"]
-        args.finetune_args = f"{args.finetune_args} {SMOKE_FINETUNE}"
+        args.alphas = ["0", "1"]
+        args.finetune_args = shlex.join([*shlex.split(args.finetune_args), *SMOKE_WORKFLOW])
     return args
 
 

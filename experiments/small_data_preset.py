@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from _shared import add_common_options, datasets, flickr_csvs
-from pretrained_workflow import SMOKE_FINETUNE, finetune_command
+from pretrained_workflow import SMOKE_WORKFLOW, finetune_command
 
 #: name -> finetune options; every setting trains 3 epochs unless it says otherwise
 GRID = {
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         if not (lit / "pretrain.json").exists():
             lit_pretrain.main(["--smoke", "--out", str(lit), "--data", args.data, "--runs", args.runs])
         flickr_csvs(datasets(args), workflow / "flickr", val_images=8)
-        args.settings, extra = ["lr1e-4-image-last2"], shlex.split(SMOKE_FINETUNE) + ["--zeroshot-images", "8"]
+        args.settings, extra = ["lr1e-4-image-last2"], SMOKE_WORKFLOW
     rows, results = [], {}
     for setting in args.settings:
         for loss in args.losses:

@@ -247,28 +247,29 @@ class HALOHead(nn.Module):
 
         if rule not in DECISION_RULES:
             raise ValueError(f"rule must be one of {DECISION_RULES}, got {rule!r}")
-        sink, near = self._decision_scores(embeddings)
+        known = self._shifted(embeddings)
+        sink, near = self._decision_scores(*known)
         keep_threshold(sink, keep)  # validates keep before anything changes
         if ood_embeddings is None:
             bias, limit = _keep_thresholds(sink, near if rule == "sink+distance" else None, keep)
             fitted_on = f"keep {keep:.1%} of {len(sink)} held-out ID inputs"
             ood = None
         else:
-            ood = self._decision_scores(ood_embeddings)
-            bias, limit = _separating_thresholds((sink, near), ood, rule == "sink+distance")
+            ood = self._shifted(ood_embeddings)
+            bias, limit = _separating_thresholds((sink, near), self._decision_scores(*ood), rule == "sink+distance")
             fitted_on = f"best balanced accuracy on {len(sink)} held-out ID and {len(ood[0])} OOD inputs"
         self.decision_bias.fill_(bias)
         self.max_mean_sq_distance.fill_(limit)
-        declined = lambda x: float(self(x).abstained.double().mean())  # noqa: E731  (the decision as applied)
+        declined = lambda logits: float(geometry.classifier_abstains(  # noqa: E731  (the decision as applied)
+            *logits, self.temperature.double(), self.decision_bias, self.max_mean_sq_distance).double().mean())
         self.calibration = AbstentionCalibration(
-            rule, fitted_on, bias, limit, 1.0 - declined(embeddings),
-            None if ood_embeddings is None else declined(ood_embeddings), len(sink),
+            rule, fitted_on, bias, limit, 1.0 - declined(known), None if ood is None else declined(ood), len(sink),
             0 if ood is None else len(ood[0]))
         return self.calibration
 
-    def _decision_scores(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        """``(N,)`` float64 sink margin ``max_k shifted`` and ``-min_k |x - c_k|^2 / D`` of each embedding."""
-        shifted, true = self._shifted(embeddings)
+    def _decision_scores(self, shifted: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N,)`` float64 sink margin ``max_k shifted`` and ``-min_k |x - c_k|^2 / D`` of each row of the
+        :meth:`_shifted` logits."""
         return shifted.max(dim=-1).values, true.max(dim=-1).values / self.temperature.double()
 
     @property

@@ -5,6 +5,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from halo_embed.eval import (
     accuracy,
+    balanced_accuracy,
     best_threshold,
     expected_calibration_error,
     ood_metrics,
@@ -139,6 +140,9 @@ def test_accuracy_and_thresholds():
         accuracy([1, 2, 3], [1, 2])
     id_scores, ood_scores = np.array([3.0, 4.0, 5.0]), np.array([0.0, 1.0, 3.5])
     assert threshold_accuracy(id_scores, ood_scores, 2.0) == pytest.approx(0.5 * (1 + 2 / 3))
+    assert balanced_accuracy([True, True, False], [False, True]) == pytest.approx(0.5 * (2 / 3 + 1 / 2))
+    with pytest.raises(TypeError, match="ood_accepted must be a boolean array"):
+        balanced_accuracy([True], [0.3])
     t, acc = best_threshold(id_scores, ood_scores)
     assert acc == pytest.approx(threshold_accuracy(id_scores, ood_scores, t))
     # brute force over every candidate threshold

@@ -219,7 +219,8 @@ def test_sphere_geometry_starts_where_the_pretrained_model_is(tiny_model_dirs, t
     from halo_embed.clip.evaluate import view_of
     from halo_embed.clip.zeroshot import ZeroShotData, evaluate_zeroshot
     from halo_embed.eval import retrieval_recall
-    from halo_embed.recipes.clip_finetune import FinetuneConfig, initial_temperature
+    from halo_embed.recipes.finetune_config import FinetuneConfig
+    from halo_embed.recipes.finetune_model import initial_temperature
 
     backbone = load_backbone("open_clip", f"local-dir:{tiny_model_dirs['open_clip_local_dir']}").eval()
     with torch.no_grad():

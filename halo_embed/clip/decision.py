@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import geometry
 from .._validation import check_float, check_int, check_tensor
+from ..eval.metrics import threshold_accuracy
 
 __all__ = ["MIN_CALIBRATION_IMAGES", "PairDecision", "check_min_images", "fit_pair_decision", "platt_scale"]
 
@@ -95,10 +96,6 @@ class PairDecision:
         return cls(**known)
 
 
-def _balanced_accuracy(aligned: np.ndarray, mismatched: np.ndarray, threshold: float) -> float:
-    return 0.5 * (float((aligned >= threshold).mean()) + float((mismatched < threshold).mean()))
-
-
 def fit_pair_decision(aligned: Tensor, mismatched: Tensor, temperature: float | None = None,
                       source: str = "") -> PairDecision:
     """Fit the pair rule on held-out pairs.
@@ -138,7 +135,7 @@ def fit_pair_decision(aligned: Tensor, mismatched: Tensor, temperature: float | 
         bias = _fit_bias(g * z, y, weights)
     threshold = bias / g  # accept when z = 1 - |x - t|^2/D >= bias / g
     fitted_on = {"aligned": int(len(a)), "mismatched": int(len(m)), "source": source,
-                 "balanced_accuracy": _balanced_accuracy(a, m, threshold),
+                 "balanced_accuracy": threshold_accuracy(a, m, threshold),
                  "temperature_fitted": temperature is None}
     return PairDecision(g, bias, "fitted", fitted_on)
 

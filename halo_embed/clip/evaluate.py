@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .. import geometry
-from ..eval import best_threshold, binary_calibration, ood_metrics, retrieval_recall, threshold_accuracy
+from ..eval import (balanced_accuracy, best_threshold, binary_calibration, ood_metrics, retrieval_recall,
+                    threshold_accuracy)
 from .backbones import move_tokens
 from .decision import PairDecision
 
@@ -123,11 +124,6 @@ class CosineView:
             return None
         scale, bias = float(self.logit_scale.detach().exp()), float(self.logit_bias.detach())
         return 1.0 / (1.0 + np.exp(-(scale * scores + bias)))
-
-
-def _balanced_accuracy(aligned_accepted: np.ndarray, mismatched_accepted: np.ndarray) -> float:
-    """The mean of the aligned pairs' accepted share and the mismatched pairs' rejected share."""
-    return 0.5 * (float(aligned_accepted.mean()) + float((~mismatched_accepted).mean()))
 
 
 def view_of(model) -> HALOView | CosineView:
@@ -367,7 +363,7 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
         report_aligned, report_negatives = aligned[1::2], negatives[1::2]
         labels = np.r_[np.ones(len(report_aligned), dtype=np.int64), np.zeros(len(report_negatives), dtype=np.int64)]
         if builtin is not None:
-            metrics["builtin_threshold_accuracy"] = _balanced_accuracy(view.accepts(report_aligned),
+            metrics["builtin_threshold_accuracy"] = balanced_accuracy(view.accepts(report_aligned),
                                                                        view.accepts(report_negatives))
             metrics["builtin_accept_aligned"] = float(view.accepts(aligned).mean())
             metrics["builtin_reject_mismatched"] = float((~view.accepts(negatives)).mean())
@@ -384,7 +380,7 @@ def evaluate_alignment(view, data: AlignmentEvalData, device: str | torch.device
             a, b = rules["platt"]
             platt = 1.0 / (1.0 + np.exp(-(a * np.r_[report_aligned, report_negatives] + b)))
             accept = platt >= 0.5
-            metrics["platt_accuracy"] = _balanced_accuracy(accept[:len(report_aligned)], accept[len(report_aligned):])
+            metrics["platt_accuracy"] = balanced_accuracy(accept[:len(report_aligned)], accept[len(report_aligned):])
             metrics.update({f"platt_{k}": v for k, v in binary_calibration(platt, labels).items()})
         rejection[name] = metrics
     return {

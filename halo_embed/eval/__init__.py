@@ -7,6 +7,7 @@ see :mod:`halo_embed.eval.metrics`. FAISS and matplotlib are imported when used.
 from .metrics import (
     CalibrationResult,
     accuracy,
+    balanced_accuracy,
     best_threshold,
     binary_calibration,
     expected_calibration_error,
@@ -32,6 +33,7 @@ __all__ = [
     "VectorIndex",
     "accuracy",
     "aurc",
+    "balanced_accuracy",
     "best_threshold",
     "binary_calibration",
     "collect_scores",

@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "CalibrationResult",
     "accuracy",
+    "balanced_accuracy",
     "best_threshold",
     "binary_calibration",
     "expected_calibration_error",
@@ -139,15 +140,18 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, tpr: float = 0.95) -> dict[s
     }
 
 
-def threshold_accuracy(id_scores: Any, ood_scores: Any, threshold: float) -> float:
-    """Balanced accuracy of the rule "accept when ``score >= threshold``".
+def balanced_accuracy(id_accepted: Any, ood_accepted: Any) -> float:
+    """Balanced accuracy of an accept / reject decision: the mean of the share of ID inputs accepted and the
+    share of OOD inputs rejected, so that set sizes do not decide the number (``(N,)`` and ``(M,)`` bools)."""
+    id_arr, ood_arr = _as_flags("id_accepted", id_accepted), _as_flags("ood_accepted", ood_accepted)
+    return float(0.5 * (id_arr.mean() + (~ood_arr).mean()))
 
-    The mean of the share of ID inputs accepted and the share of OOD inputs
-    rejected, so that set sizes do not decide the number.
-    """
+
+def threshold_accuracy(id_scores: Any, ood_scores: Any, threshold: float) -> float:
+    """:func:`balanced_accuracy` of the rule "accept when ``score >= threshold``"."""
     id_arr = _as_array("id_scores", id_scores)
     ood_arr = _as_array("ood_scores", ood_scores)
-    return float(0.5 * ((id_arr >= threshold).mean() + (ood_arr < threshold).mean()))
+    return balanced_accuracy(id_arr >= threshold, ood_arr >= threshold)
 
 
 def best_threshold(id_scores: Any, ood_scores: Any) -> tuple[float, float]:

@@ -505,7 +505,9 @@ class _FusedHALOCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, c, temperature)
         # Not saved tensors: the first backward takes them over (and scales them in place), so
         # neither autograd's version check nor the graph keeps a second copy alive.
-        ctx.precomputed = _Grads(n, grads.c, grads.g, grads.of_x(x)) if precompute else None
+        if precompute:
+            grads.x = grads.of_x(x)
+        ctx.precomputed = grads
         ctx.set_materialize_grads(False)
         if not want_true:
             ctx.mark_non_differentiable(true)

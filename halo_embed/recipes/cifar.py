@@ -63,8 +63,8 @@ from .cifar_config import RESUMABLE_OPTIONS, CifarConfig, add_arguments, apply_p
 from .cifar_report import seed_metrics, write_comparison, write_run_report, write_seed_comparison
 from .common import print_reports, recipe_main, warmup_cosine
 from .options import dataclass_from_args, given_options
-from .runs import (CIFAR_CHECKPOINT, LEGACY_NAMES, JsonlLog, load_state_file, refuse_to_overwrite, rng_state,
-                   run_path, save_state_file, set_rng_state)
+from .runs import (CIFAR_CHECKPOINT, JsonlLog, load_state_file, refuse_to_overwrite, rng_state, run_path,
+                   save_state_file, set_rng_state)
 from .resnet import CifarResNet18
 
 #: ``halo-embed cifar`` (:mod:`halo_embed.cli`): the one-line help and the description
@@ -162,7 +162,7 @@ def _device(config: CifarConfig) -> torch.device:
 def check_run_folder(config: CifarConfig) -> None:
     """A run never overwrites another (see :func:`~halo_embed.recipes.runs.refuse_to_overwrite`); a folder
     without a checkpoint (stopped in its first epoch) is started again, as ``--resume latest --seeds`` does."""
-    refuse_to_overwrite(config.run_dir(), config.resume, [CIFAR_CHECKPOINT, LEGACY_NAMES[CIFAR_CHECKPOINT]])
+    refuse_to_overwrite(config.run_dir(), config.resume, [CIFAR_CHECKPOINT])
 
 
 

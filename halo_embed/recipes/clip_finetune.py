@@ -74,12 +74,12 @@ from .finetune_config import AUTOCAST, RESUMABLE_OPTIONS, FinetuneConfig, add_ar
 from .finetune_data import (adapter_batches, calibration_pairs, load_pairs, split_calibration, training_loader,
                             zeroshot_data_for)
 from .finetune_eval import calibrate_model, evaluate_run, evaluate_zeroshot_for
-from .finetune_model import attach_feature_cache, build_model, initial_temperature, optimizer_groups
+from .finetune_model import attach_feature_cache, build_model, optimizer_groups
 from .finetune_report import write_comparison, write_run_report
-from .runs import (FINAL, INITIAL, LEGACY_NAMES, JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite,
-                   resolve_resume, run_path, save_accelerate_state)
+from .runs import (FINAL, INITIAL, JsonlLog, RunPosition, load_resumable_state, refuse_to_overwrite, resolve_resume,
+                   run_path, save_accelerate_state)
 
-__all__ = ["FinetuneConfig", "build_model", "initial_temperature", "main", "optimizer_groups", "run", "train"]
+__all__ = ["FinetuneConfig", "build_model", "main", "optimizer_groups", "run", "train"]
 
 #: ``halo-embed finetune`` (:mod:`halo_embed.cli`): the one-line help and the description
 HELP = "fine-tune CLIP with HALO (or clip / siglip for comparison) using Accelerate"
@@ -100,7 +100,7 @@ ZEROSHOT_BEFORE = "zeroshot_before.json"
 
 def check_run_folder(config: FinetuneConfig) -> None:
     """A run never overwrites another (see :func:`~halo_embed.recipes.runs.refuse_to_overwrite`)."""
-    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", FINAL, LEGACY_NAMES[FINAL], "report.md"])
+    refuse_to_overwrite(config.run_dir(), config.resume, ["checkpoints/latest", FINAL, "report.md"])
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:

@@ -21,15 +21,8 @@ from typing import Any
 
 from ..eval import markdown_table, side_by_side, write_report
 
-#: ``halo-embed demo`` (:mod:`halo_embed.cli`): the one-line help and the description
+#: ``halo-embed demo`` (:mod:`halo_embed.cli`): the one-line help (the description is the docstring)
 HELP = "a tour of HALO on embedded data, offline, in minutes"
-CLI_DESCRIPTION = """``halo-embed demo``: the three jobs of halo-embed on embedded data, offline, in a few minutes.
-
-(a) cross-entropy vs HALO with unknown classes on scikit-learn's digits,
-(b) a short CLIP-style HALO fine-tune on the built-in rendered shapes,
-(c) a few pairs scored with the built-in accept/reject threshold.
-Writes runs/demo/report.md (runs/demo-2/, -3/, ... when that folder is taken: a run never overwrites another).
-"""
 
 
 def shapes_config(run_dir: Path, progress: bool):

@@ -11,7 +11,7 @@ Both recipes follow the same rules:
 - a resumed run restores the RNG state and its position in the data and
   drops the log lines written after the checkpoint (:class:`JsonlLog`).
 
-One vocabulary for what a run folder holds (:data:`FINAL`, :data:`INITIAL`, :data:`CHECKPOINTS`): the
+One vocabulary for what a run folder holds (:data:`FINAL`, :data:`INITIAL`, :data:`CIFAR_CHECKPOINT`): the
 resumable training state under ``checkpoints/`` (the fine-tuning recipe's ``checkpoints/step-N/``, the CIFAR
 recipe's ``checkpoints/latest.pt``), the model the run ends with in ``final/`` (the scorer's checkpoint) and
 the one it started from in ``initial/`` (WiSE-FT's alpha 0). Runs written before 2026-12-07 named them
@@ -33,7 +33,7 @@ import torch
 from ..io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
-    "CHECKPOINTS",
+    "CIFAR_CHECKPOINT",
     "FINAL",
     "INITIAL",
     "JsonlLog",
@@ -54,8 +54,7 @@ __all__ = [
 
 #: the model a fine-tuning run ends with (the scorer's checkpoint), the one it started from (WiSE-FT's alpha
 #: 0), and the CIFAR recipe's resumable checkpoint
-FINAL, INITIAL, CHECKPOINTS = "final", "initial", "checkpoints"
-CIFAR_CHECKPOINT = f"{CHECKPOINTS}/latest.pt"
+FINAL, INITIAL, CIFAR_CHECKPOINT = "final", "initial", "checkpoints/latest.pt"
 #: the names runs written before 2026-12-07 used
 LEGACY_NAMES = {FINAL: "checkpoint", INITIAL: "checkpoint-initial", CIFAR_CHECKPOINT: "checkpoint.pt"}
 
@@ -69,11 +68,13 @@ def run_path(run_dir: str | os.PathLike, name: str) -> Path:
 
 
 def refuse_to_overwrite(run_dir: Path, resume: object, saved: Sequence[str]) -> None:
-    """A run never overwrites another: a folder holding any of ``saved`` is only continued, with --resume.
+    """A run never overwrites another: a folder holding any of ``saved`` (or an older run's name for it, see
+    :func:`run_path`) is only continued, with --resume.
 
     (A folder without them holds a run that stopped before its first save; it may start again.)
     """
-    if resume is None and any((Path(run_dir) / name).exists() for name in saved):
+    held = (run_path(run_dir, name) if name in LEGACY_NAMES else Path(run_dir) / name for name in saved)
+    if resume is None and any(path.exists() for path in held):
         raise FileExistsError(f"run folder {run_dir} already holds a run: continue it with --resume latest, "
                               "or choose another --name or --output")
 
