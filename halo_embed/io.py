@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "claim_for", "new_file_mode",
-           "to_jsonable", "unused_path"]
+__all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "claim_for", "file_stamp",
+           "new_file_mode", "to_jsonable", "unused_path"]
 
 
 @contextlib.contextmanager
@@ -45,6 +45,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_stamp(path: str | os.PathLike) -> list:
+    """``[path, size, mtime_ns]`` of a local file (a URL: ``[url]``): what must not change under a resume."""
+    if "://" in str(path) or str(path).startswith("pipe:"):
+        return [str(path)]
+    info = Path(path).stat()
+    return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]
 
 
 def new_file_mode() -> int:

@@ -61,5 +61,5 @@ def test_missing_and_damaged_files(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(ImageLoadError, match=r"cannot read image .*cut.png"):
         load_image(tmp_path / "cut.png")
-    with pytest.raises(TypeError, match="an image must be a file path or a PIL image, got int"):
+    with pytest.raises(TypeError, match="an image must be a file path, encoded bytes or a PIL image, got int"):
         load_image(3)

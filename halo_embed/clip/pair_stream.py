@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -32,12 +32,12 @@ from ..data.images import ImageLoadError, load_image
 from ..data.tables import CSVRow
 from ..io import atomic_path
 
-__all__ = ["JOURNAL_FORMAT", "RECORD_FIELDS", "PairRows", "ScoreJournal", "ScoreSummary", "pair_batches",
-           "score_batch", "write_scores"]
+__all__ = ["JOURNAL_FORMAT", "RECORD_FIELDS", "PairCollate", "PairRows", "ScoreJournal", "ScoreSummary", "pair_batches",
+           "score_batch", "write_records", "write_scores"]
 
 JOURNAL_FORMAT = "halo-embed/score-journal/1"
 #: The fields of one output row, in the output's column order.
-RECORD_FIELDS = ("row", "line", "image", "text", "probability", "accept", "logit", "truncated", "error")
+RECORD_FIELDS = ("row", "line", "image", "text", "probability", "accept", "logit", "cosine", "truncated", "error")
 #: The prefix of the error of a caption rejected by --strict-text (counted as too long in the summary).
 TOO_LONG = "caption longer than the"
 
@@ -80,7 +80,7 @@ class PairRows(Dataset):
             return record, None
 
 
-class _Collate:
+class PairCollate:
     """Stack the good rows' pixels and tokenize their captions (in the worker, with the truncation check)."""
 
     def __init__(self, tokenize_checked: Callable) -> None:
@@ -100,7 +100,7 @@ def pair_batches(rows: PairRows, tokenize_checked: Callable, batch_size: int, wo
                  pin_memory: bool = False) -> DataLoader:
     """Batches of ``rows`` in order: ``{"records", "good", "pixels", "tokens", "truncated"}``."""
     return DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      collate_fn=_Collate(tokenize_checked), prefetch_factor=4 if workers else None)
+                      collate_fn=PairCollate(tokenize_checked), prefetch_factor=4 if workers else None)
 
 
 def _select(tokens: Any, keep: list[int]) -> Any:
@@ -220,22 +220,58 @@ class ScoreJournal:
 
 
 def write_scores(journal: ScoreJournal, output: Path, abstain_bias: float) -> ScoreSummary:
-    """Turn a complete journal into ``output`` (.csv, or .json ``{"abstain_bias", "pairs"}``) atomically,
-    row by row (memory stays flat for any file size); returns the counts for the summary line."""
+    """Turn a complete journal into ``output`` atomically (see :func:`write_records`)."""
+    return write_records(journal.records(), output, abstain_bias, RECORD_FIELDS)
+
+
+#: the parquet type of each output field (CSV rows and shard samples)
+FIELD_TYPES = {"row": "int64", "line": "int64", "image": "string", "text": "string", "key": "string",
+               "shard": "string", "probability": "float64", "accept": "bool_", "logit": "float64",
+               "cosine": "float64", "truncated": "bool_", "error": "string"}
+
+
+def parquet_schema(fields: Sequence[str], metadata: dict[str, str] | None = None):
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, FIELD_TYPES[name])()) for name in fields], metadata=metadata)
+
+
+def write_records(records: Iterable[dict[str, Any]], output: Path, abstain_bias: float,
+                  fields: Sequence[str]) -> ScoreSummary:
+    """Write scored records to ``output`` atomically: ``.csv``, ``.json`` (``{"abstain_bias", "pairs"}``) or
+    ``.parquet`` (the abstain bias in the file's metadata), a chunk at a time (memory stays flat for any
+    number of rows); returns the counts for the summary line."""
     summary = ScoreSummary()
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        if output.suffix.lower() == ".json":
-            handle.write(f'{{"abstain_bias": {json.dumps(abstain_bias)}, "pairs": [')
-            for record in journal.records():
-                handle.write(("\n  " if summary.rows == 0 else ",\n  ") + json.dumps(record))
-                summary.add(record)
-            handle.write("\n]}\n")
-        else:
-            writer = csv.DictWriter(handle, fieldnames=list(RECORD_FIELDS))
-            writer.writeheader()
-            for record in journal.records():
-                writer.writerow({key: _spreadsheet_safe(value) for key, value in record.items()})
-                summary.add(record)
+    suffix = output.suffix.lower()
+    with atomic_path(output) as tmp:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = parquet_schema(fields, {"abstain_bias": json.dumps(abstain_bias)})
+            with pq.ParquetWriter(tmp, schema) as writer:
+                chunk: list[dict[str, Any]] = []
+                for record in records:
+                    summary.add(record)
+                    chunk.append(record)
+                    if len(chunk) == 65536:
+                        writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                        chunk = []
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            return summary
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            if suffix == ".json":
+                handle.write(f'{{"abstain_bias": {json.dumps(abstain_bias)}, "pairs": [')
+                for record in records:
+                    handle.write(("\n  " if summary.rows == 0 else ",\n  ") + json.dumps(record))
+                    summary.add(record)
+                handle.write("\n]}\n")
+            else:
+                writer = csv.DictWriter(handle, fieldnames=list(fields))
+                writer.writeheader()
+                for record in records:
+                    writer.writerow({key: _spreadsheet_safe(value) for key, value in record.items()})
+                    summary.add(record)
     return summary
 
 

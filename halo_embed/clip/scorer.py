@@ -56,6 +56,9 @@ class PairScores:
         truncated: ``(N,)`` bool, the caption was longer than the text tower's
             context and only its beginning was scored (``None`` when scored
             from embeddings).
+        cosine: ``(N,)`` the cosine of the towers' own embeddings (before the
+            feature adapter): the "CLIP score" that threshold filters use, for
+            comparison (``None`` when scored from embeddings).
     """
 
     probability: Tensor
@@ -63,13 +66,16 @@ class PairScores:
     logit: Tensor
     abstain_bias: float
     truncated: Tensor | None = None
+    cosine: Tensor | None = None
 
     def to_records(self) -> list[dict[str, Any]]:
-        truncated = self.truncated if self.truncated is not None else [None] * len(self.probability)
+        missing = [None] * len(self.probability)
+        truncated = self.truncated if self.truncated is not None else missing
+        cosine = self.cosine if self.cosine is not None else missing
         return [
             {"probability": float(p), "accept": bool(a), "logit": float(l),
-             **({} if t is None else {"truncated": bool(t)})}
-            for p, a, l, t in zip(self.probability, self.accept, self.logit, truncated)
+             **({} if t is None else {"truncated": bool(t)}), **({} if c is None else {"cosine": float(c)})}
+            for p, a, l, t, c in zip(self.probability, self.accept, self.logit, truncated, cosine)
         ]
 
 
@@ -202,9 +208,13 @@ class AlignmentScorer:
         """:meth:`score` of ``(N, 3, H, W)`` pixels from the backbone's image transform and tokens from its
         tokenizer, each tower run once on the whole batch (the streaming path of ``halo-embed score``)."""
         check_tensor("pixels", pixels, ndim=4, floating=True)
-        images = self.model.encode_image(pixels.to(self.device, non_blocking=True)).float()
-        texts = self.model.encode_text(move_tokens(tokens, self.device)).float()
-        return self.score_embeddings(images.cpu(), texts.cpu())
+        backbone, adapter = self.model.backbone, self.model.adapter
+        raw_images = backbone.encode_image(pixels.to(self.device, non_blocking=True))
+        raw_texts = backbone.encode_text(move_tokens(tokens, self.device))
+        scores = self.score_embeddings(adapter(raw_images, "image").float().cpu(),
+                                       adapter(raw_texts, "text").float().cpu())
+        scores.cosine = torch.nn.functional.cosine_similarity(raw_images.float(), raw_texts.float(), dim=1).cpu()
+        return scores
 
     def score(self, images: Sequence[Any] | Tensor, texts: Sequence[str]) -> PairScores:
         """For each pair ``(images[i], texts[i])``: the probability that they belong together and accept/reject."""

@@ -1,7 +1,17 @@
 """``halo-embed score``: does this caption belong to this image? (HALO's built-in threshold)
 
 Single pair:  halo-embed score --checkpoint CKPT --image dog.jpg --text "a dog on the grass"
-Batch:        halo-embed score --checkpoint CKPT --pairs pairs.csv --output scores.csv   (or .json)
+Batch:        halo-embed score --checkpoint CKPT --pairs pairs.csv --output scores.csv   (or .json, .parquet)
+Shards:       halo-embed score --checkpoint CKPT --pairs 'shards/{00000..00099}.tar' --output scores.parquet
+Parquet:      halo-embed score --checkpoint CKPT --pairs pool/ --output scores.parquet  (image bytes or paths)
+On Ray:       ... --engine ray [--ray-address HOST:6379] [--ray-workers N]
+
+Webdataset shards and parquet files are scored one unit (a shard, a row
+group) at a time, on this machine or on Ray Data actors with the same
+answer; each finished unit is kept in ``<output>.parts/``, and ``--resume``
+goes on at unit granularity (see :mod:`halo_embed.clip.shard_scoring`).
+A truncated or corrupt tar, a sample without an image or caption and an image
+that does not decode are skipped and counted per shard.
 
 The batch form streams: worker processes decode the images and tokenize the
 captions (--workers) while the model scores the batch before, a progress bar
@@ -28,6 +38,7 @@ import time
 from pathlib import Path
 
 from ..data.images import DEFAULT_MAX_PIXELS
+from ..io import file_stamp
 
 #: Image decoding dominates on a GPU: as many workers as cores, up to 8.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -36,24 +47,52 @@ HELP = "probability that an image and a caption belong together, with accept/rej
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a HALOCLIP checkpoint folder (model.safetensors + config.json)")
     single = parser.add_argument_group("one pair")
     single.add_argument("--image", help="image file")
     single.add_argument("--text", help="caption")
+    parser.add_argument("--json", action="store_true", help="single pair: print JSON instead of a sentence")
     batch = parser.add_argument_group("many pairs")
-    batch.add_argument("--pairs", help="CSV/TSV with an image path column and a caption column")
-    batch.add_argument("--image-column", help="image path column (default: open_clip's filepath, else image)")
-    batch.add_argument("--text-column", help="caption column (default: open_clip's title, else caption)")
+    batch.add_argument("--output", help="scores file, .csv, .json or .parquet (default: print JSON lines)")
     batch.add_argument("--image-root", help="folder that relative image paths are relative to (default: the CSV's folder)")
-    batch.add_argument("--output", help="scores file, .csv or .json (default: print JSON lines)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (default 64)")
+    add_scoring_arguments(parser, batch, "--pairs")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, batch, pairs_flag: str) -> None:
+    """The model, input and engine options ``score`` and ``filter`` share."""
+    parser.add_argument("--checkpoint", required=True, help="a HALOCLIP checkpoint folder (model.safetensors + config.json)")
+    batch.add_argument(pairs_flag, dest="pairs", required=pairs_flag != "--pairs",
+                       help=("CSV/TSV with an image path column and a caption column; " if pairs_flag == "--pairs"
+                             else "") + "webdataset shards ('shards/{00000..00009}.tar', '::'-separated lists, "
+                                        "globs); or parquet files (a file, a folder, a pattern)")
+    batch.add_argument("--input-type", default="auto", choices=("auto", "csv", "webdataset", "parquet"),
+                       help=f"how to read {pairs_flag} (default: from its name)")
+    batch.add_argument("--image-column", help="image column (CSV default: open_clip's filepath, else image; parquet: "
+                                              "jpg, image, ... holding bytes, an HF image struct or a path)")
+    batch.add_argument("--text-column", help="caption column (CSV default: open_clip's title, else caption; "
+                                             "parquet: txt, caption, text, title)")
+    batch.add_argument("--key-column", help="parquet: the pair's key column (default: key, uid, __key__ or id; "
+                                            "else file:row group:row)")
     batch.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help=f"processes that decode images and tokenize captions (default {DEFAULT_WORKERS}: "
                             "the CPU count, at most 8; 0: in the main process)")
     batch.add_argument("--resume", action="store_true",
-                       help="go on from where an interrupted run with the same --output stopped")
-    parser.add_argument("--json", action="store_true", help="single pair: print JSON instead of a sentence")
+                       help="go on from where an interrupted run with the same output stopped")
+    engine = parser.add_argument_group("engine (shards and parquet)")
+    engine.add_argument("--engine", default="stream", choices=("stream", "ray"),
+                        help="stream: this process, --workers decoding; ray: Ray Data actors, one per GPU or per "
+                             "--ray-cpus-per-worker cores (pip install 'halo-embed[ray]')")
+    engine.add_argument("--ray-address", default=None,
+                        help="a running Ray cluster (HOST:PORT of `ray start --head`, or 'auto'); default: a local "
+                             "Ray instance on this machine")
+    engine.add_argument("--ray-workers", type=int, default=None,
+                        help="scorer actors (default: one per GPU, else the CPUs / --ray-cpus-per-worker)")
+    engine.add_argument("--ray-cpus-per-worker", type=int, default=1,
+                        help="CPU cores per scorer actor without GPUs (default 1)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (default 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of the scoring process (default: torch's, the cores); the same "
+                             "count as --ray-cpus-per-worker gives bit-identical scores on both engines")
     parser.add_argument("--strict-text", action="store_true",
                         help="reject captions longer than the text tower reads (default: score their beginning "
                              "and warn)")
@@ -91,16 +130,16 @@ def _single(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_stamp(checkpoint: str) -> list:
+    """The checkpoint folder and its files' sizes and times (a resume must score with the same model)."""
+    folder = Path(checkpoint).resolve()
+    return [str(folder)] + ([[p.name, *file_stamp(p)[1:]] for p in sorted(folder.iterdir()) if p.is_file()]
+                            if folder.is_dir() else [])  # a missing one: the loader says
+
+
 def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, columns: tuple[str, str]) -> dict:
     """What an interrupted run must share with its resume: the same inputs, checkpoint and row rules."""
-    def stamp(path: Path) -> list:
-        info = path.stat()
-        return [path.name, info.st_size, info.st_mtime_ns]
-
-    checkpoint = Path(args.checkpoint).resolve()
-    return {"pairs": [str(pairs_path.resolve()), *stamp(pairs_path)[1:]],
-            "checkpoint": [str(checkpoint)] + ([stamp(p) for p in sorted(checkpoint.iterdir()) if p.is_file()]
-                                               if checkpoint.is_dir() else []),  # a missing one: the loader says
+    return {"pairs": file_stamp(pairs_path), "checkpoint": checkpoint_stamp(args.checkpoint),
             "image_column": columns[0], "text_column": columns[1], "image_root": str(root.resolve()),
             "strict_text": args.strict_text, "max_image_pixels": args.max_image_pixels}
 
@@ -108,13 +147,25 @@ def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, colu
 def _batch(args: argparse.Namespace) -> int:
     from ..io import claim_for
 
-    pairs_path = Path(args.pairs)
-    if not pairs_path.is_file():
-        raise FileNotFoundError(f"pairs file {'is a folder' if pairs_path.is_dir() else 'not found'}: {pairs_path}")
+    from ..data.shards import input_kind
+
+    kind = input_kind(args.pairs) if args.input_type == "auto" else args.input_type
+    units = None
+    if kind == "csv":
+        pairs_path = Path(args.pairs)
+        if not pairs_path.is_file():
+            raise FileNotFoundError(f"pairs file {'is a folder' if pairs_path.is_dir() else 'not found'}: {pairs_path}")
+        if args.engine != "stream":
+            raise ValueError("--engine ray reads webdataset shards and parquet files; a CSV is scored with the "
+                             "default --engine stream")
+    else:
+        if args.engine == "ray" and not args.output:
+            raise ValueError("--engine ray needs --output (its actors write the scores next to it)")
+        units = scoring_units(args, kind, "--pairs")
     if args.output:
         output = Path(args.output)
-        if output.suffix.lower() not in (".csv", ".json"):
-            raise ValueError(f"--output must end in .csv or .json, got {args.output}")
+        if output.suffix.lower() not in (".csv", ".json", ".parquet"):
+            raise ValueError(f"--output must end in .csv, .json or .parquet, got {args.output}")
         folder = output.parent
         if output.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ValueError(f"--output {args.output} cannot be written: "
@@ -123,10 +174,133 @@ def _batch(args: argparse.Namespace) -> int:
         # one process per output: a second one (a --resume of a run still going, the same command twice)
         # stops here, before it reads or writes anything
         with claim_for(output, f"--output {args.output}"):
-            return _batch_owned(args, pairs_path, output)
+            return _batch_owned(args, pairs_path, output) if units is None else _units_owned(args, units, output)
     if args.resume:
         raise ValueError("--resume needs --output (the scores of the interrupted run are kept next to it)")
-    return _batch_owned(args, pairs_path, None)
+    return _batch_owned(args, pairs_path, None) if units is None else _units_owned(args, units, None)
+
+
+def scoring_units(args: argparse.Namespace, kind: str, flag: str):
+    """The shard / parquet units of ``args.pairs``, and Ray reachable if asked for (before any model loads)."""
+    from ..data.shards import list_units
+
+    units = list_units(args.pairs, kind, flag)
+    if args.key_column is not None and kind != "parquet":
+        raise ValueError("--key-column names a parquet column; a shard sample's key is its file name")
+    if args.engine == "ray":
+        from ..clip.ray_engine import check_ray
+
+        check_ray(args.ray_address)
+    return units
+
+
+def score_settings(args: argparse.Namespace):
+    from ..clip.shard_scoring import ScoreSettings
+
+    return ScoreSettings(args.batch_size, args.max_image_pixels, args.strict_text, args.key_column,
+                         args.image_column, args.text_column)
+
+
+def units_header(args: argparse.Namespace, units, settings) -> dict:
+    """What an interrupted unit run must share with its resume: the same units, checkpoint and settings."""
+    from dataclasses import asdict
+
+    return {"units": [[*file_stamp(unit.path), unit.row_group] for unit in units],
+            "checkpoint": checkpoint_stamp(args.checkpoint), "settings": asdict(settings)}
+
+
+def report_unit(units, index: int, report, write=print) -> None:
+    """One stderr line for a unit with skipped samples or its own errors (a corrupt tar)."""
+    if report.broken or report.errors:
+        write(f"{units[index]}: {report.broken} of {report.samples} sample(s) skipped"
+              + "".join(f"; {error}" for error in report.errors[:3])
+              + (f" (and {len(report.errors) - 3} more errors)" if len(report.errors) > 3 else ""))
+
+
+def score_units_to_parts(args: argparse.Namespace, units, store, done: set[int], settings) -> None:
+    """Score every unit not in ``done`` into ``store``, on the engine ``args.engine`` asks for."""
+    from tqdm.auto import tqdm
+
+    from ..clip.shard_scoring import score_units_streaming
+
+    todo = [(i, unit) for i, unit in enumerate(units) if i not in done]
+    if done:
+        print(f"resuming {store.folder}: {len(done)} of {len(units)} units were scored before", file=sys.stderr)
+    with tqdm(total=len(units), initial=len(done), unit="unit", disable=None, file=sys.stderr) as bar:
+        def finished(index: int, report) -> None:
+            report_unit(units, index, report, lambda line: bar.write(line, file=sys.stderr))
+            bar.update(1)
+
+        if args.engine == "ray":
+            from ..clip.ray_engine import score_units_ray
+
+            score_units_ray(args.checkpoint, todo, settings, store, args.ray_address, args.ray_workers,
+                            args.ray_cpus_per_worker, finished)
+            return
+        scorer = _scorer(args)
+
+        def keep(index: int, records, report) -> None:
+            store.write(index, records, report, scorer.abstain_bias)
+            finished(index, report)
+
+        score_units_streaming(scorer, todo, settings, args.workers, keep)
+
+
+def _units_owned(args: argparse.Namespace, units, output: Path | None) -> int:
+    """Score shard / parquet units (``--pairs`` not a CSV) into ``output`` or as JSON lines."""
+    from ..clip.pair_stream import ScoreSummary
+    from ..clip.shard_scoring import score_units_streaming
+
+    settings = score_settings(args)
+    start = time.perf_counter()
+    if output is None:  # JSON lines as units finish, in the order they finish
+        summary, scorer, skipped = ScoreSummary(), _scorer(args), 0
+
+        def show(index: int, records, report) -> None:
+            nonlocal skipped
+            report_unit(units, index, report, lambda line: print(line, file=sys.stderr))
+            skipped += bool(report.errors)
+            for record in records:
+                summary.add(record)
+            sys.stdout.write("".join(json.dumps(record) + "\n" for record in records))
+            sys.stdout.flush()
+
+        score_units_streaming(scorer, list(enumerate(units)), settings, args.workers, show)
+        return _summarise(args, summary, skipped, len(units), time.perf_counter() - start)
+    summary, damaged = score_to_output(args, units, output, settings)
+    return _summarise(args, summary, damaged, len(units), time.perf_counter() - start)
+
+
+def score_to_output(args: argparse.Namespace, units, output: Path, settings) -> tuple:
+    """Score every unit into ``output`` through ``<output>.parts/`` (resumed with ``args.resume``);
+    returns the output's :class:`~halo_embed.clip.pair_stream.ScoreSummary` and the count of damaged units."""
+    from ..clip.shard_scoring import PartStore
+
+    if output.exists():
+        raise ValueError(f"{output} already exists: a finished run is never overwritten; choose another name")
+    store = PartStore(output.with_name(output.name + ".parts"), units_header(args, units, settings))
+    if store.folder.exists() and not args.resume:
+        raise ValueError(f"an interrupted run left {store.folder}: add --resume to go on from where it stopped, or "
+                         "delete it to start again")
+    done = store.resume() if store.folder.exists() else set()  # checked before the model is loaded
+    if not store.folder.exists():
+        store.start()
+    score_units_to_parts(args, units, store, done, settings)
+    damaged = sum(bool(store.report(i)[0].errors) for i in range(len(units)))
+    return store.finish(list(range(len(units))), output), damaged
+
+
+def _summarise(args: argparse.Namespace, summary, damaged_units: int, units: int, seconds: float) -> int:
+    bad = summary.rows - summary.scored
+    print(f"scored {summary.scored} of {summary.rows} pairs in {units} unit(s): {summary.accepted} accepted, "
+          f"{summary.scored - summary.accepted} rejected"
+          + (f"; {bad} sample(s) skipped" if bad else "")
+          + (f"; {damaged_units} unit(s) damaged (read up to the damage)" if damaged_units else "")
+          + (f"; {summary.too_long} caption(s) longer than the text tower reads" if summary.too_long else "")
+          + (f"; wrote {args.output}" if args.output else "")
+          + f"; {summary.rows} rows in {seconds:.1f} s ({summary.rows / max(seconds, 1e-9):.0f} pairs/s)",
+          file=sys.stderr)
+    return 1 if bad or damaged_units else 0
 
 
 def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None) -> int:
@@ -218,18 +392,7 @@ def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .._validation import check_device
-
-    # checked before any file is read or model loaded
-    args.device = check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    check_scoring_args(args)
     if args.pairs:
         if args.image or args.text:
             raise ValueError("give either --image/--text (one pair) or --pairs (a CSV), not both")
@@ -237,3 +400,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.image or args.text is None:
         raise ValueError("give --image and --text for one pair, or --pairs CSV for many")
     return _single(args)
+
+
+def check_scoring_args(args: argparse.Namespace) -> None:
+    """The shared options' values (before any file is read or model loaded); sets ``--threads``."""
+    import torch
+
+    from .._validation import check_device
+
+    args.device = check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("batch_size", "max_image_pixels", "ray_cpus_per_worker"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise ValueError(f"--ray-workers must be >= 1, got {args.ray_workers}")
+    if args.engine != "ray" and (args.ray_address or args.ray_workers):
+        raise ValueError("--ray-address / --ray-workers need --engine ray")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)

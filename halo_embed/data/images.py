@@ -59,33 +59,39 @@ def _not_a_file(path: Path) -> str:
     return f"image path is not a regular file (a pipe, socket or device): {path}"
 
 
-def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-    """A PIL image in 8-bit RGB from a path or a PIL image.
+def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None):
+    """A PIL image in 8-bit RGB from a path, encoded bytes (JPEG, PNG, WebP ...) or a PIL image.
 
     Args:
-        source: a file path or a PIL image.
+        source: a file path, the bytes of an image file, or a PIL image.
         max_pixels: refuse larger images (``None``: no limit beyond PIL's).
+        name: what error messages call an image given as bytes (e.g. ``shard.tar:key.jpg``).
 
     Raises:
         ImageLoadError: the file is missing, unreadable, not an image or over ``max_pixels``.
-        TypeError: ``source`` is neither a path nor a PIL image.
+        TypeError: ``source`` is neither a path, bytes nor a PIL image.
     """
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"an image must be a file path or a PIL image, got {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise ImageLoadError(_not_a_file(path))
+    if isinstance(source, (bytes, bytearray, memoryview)):  # an encoded image (a shard's jpg, a parquet cell)
+        path, opened = name or "image bytes", io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = opened = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(_not_a_file(path))
+    else:
+        raise TypeError(f"an image must be a file path, encoded bytes or a PIL image, got {type(source).__name__}")
     # PIL refuses twice its own MAX_IMAGE_PIXELS before we can look; a larger max_pixels moves that guard
     pil_limit = Image.MAX_IMAGE_PIXELS
     raised = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
     try:
         if raised:
             Image.MAX_IMAGE_PIXELS = max_pixels
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(opened) as image:  # reads the header only
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(f"image {path} has {width}x{height} pixels, over the limit of {max_pixels:,}")
@@ -95,7 +101,9 @@ def load_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         raise ImageLoadError(f"image {path} is too large to decode safely: {error}") from error
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:  # its message names the stream object: not the same twice
+        raise ImageLoadError(f"cannot read image {path}: not an image format PIL can identify") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"cannot read image {path}: {error}") from error
     finally:
         if raised:
