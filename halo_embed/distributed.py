@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_no_grad", "all_gather_with_grad", "is_distributed"]
+__all__ = ["all_gather_no_grad", "all_gather_with_grad", "every_process", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -79,3 +79,13 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     if not is_distributed():
         return x
     return _gather_rows(x, _row_counts(x))
+
+
+def every_process(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """``True`` when ``flag`` holds on every process (one tiny all-reduce; ``flag`` itself when not
+    distributed), e.g. "I still have a batch", so that all processes stop together."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

@@ -30,6 +30,7 @@ PYTHON_SMOKES = {
     "real_start.py": (["run", "posthoc", "report"], "real-smoke/report-heads.md"),
     "openclip_parity.py": ([], "parity-smoke/parity.md"),
     "pair_diagnostics.py": ([], "pair-diagnostics-smoke/config.json"),
+    "flickr_shards.py": ([], "flickr-shards-smoke/report.json"),
 }
 SHELL_SMOKES = {
     "cifar_recipe.sh": "cifar-small/report.md",

@@ -237,10 +237,10 @@ def parquet_schema(fields: Sequence[str], metadata: dict[str, str] | None = None
 
 
 def write_records(records: Iterable[dict[str, Any]], output: Path, abstain_bias: float,
-                  fields: Sequence[str]) -> ScoreSummary:
+                  fields: Sequence[str], metadata: dict[str, str] | None = None) -> ScoreSummary:
     """Write scored records to ``output`` atomically: ``.csv``, ``.json`` (``{"abstain_bias", "pairs"}``) or
-    ``.parquet`` (the abstain bias in the file's metadata), a chunk at a time (memory stays flat for any
-    number of rows); returns the counts for the summary line."""
+    ``.parquet`` (the abstain bias and ``metadata`` in the file's metadata), a chunk at a time (memory stays
+    flat for any number of rows); returns the counts for the summary line."""
     summary = ScoreSummary()
     suffix = output.suffix.lower()
     with atomic_path(output) as tmp:
@@ -248,7 +248,7 @@ def write_records(records: Iterable[dict[str, Any]], output: Path, abstain_bias:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            schema = parquet_schema(fields, {"abstain_bias": json.dumps(abstain_bias)})
+            schema = parquet_schema(fields, {"abstain_bias": json.dumps(abstain_bias), **(metadata or {})})
             with pq.ParquetWriter(tmp, schema) as writer:
                 chunk: list[dict[str, Any]] = []
                 for record in records:

@@ -23,7 +23,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..data.shards import Unit, UnitReport
 from .shard_scoring import PartStore, ScoreSettings
@@ -115,13 +115,20 @@ def ray_session(address: str | None) -> Iterator[Any]:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data logs each execution's plan at INFO
+    if address is not None:  # a port that answers but is no Ray head: seconds, not Ray's default 14 minutes
+        # (read when ray is imported, hence here)
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "5")
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", "10")
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+        # "local": a new instance even where RAY_ADDRESS or a `ray start` on this machine would be picked up
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.ERROR,
                  **({} if address else {"num_cpus": os.cpu_count() or 1}))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     try:
         yield ray
     finally:
@@ -129,13 +136,25 @@ def ray_session(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def run_tasks(function: Callable[[Any], Any], items: Sequence[Any], address: str | None) -> list[Any]:
-    """``[function(item) for item in items]`` as Ray tasks (one CPU each), results in ``items``' order."""
-    if not items:
-        return []
+def run_tasks(function: Callable[[dict[str, Any]], Any], jobs: Iterable[dict[str, Any]], address: str | None,
+              drop: Sequence[str] = (), window: int | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
+    """``(job, function(job))`` for each job, in the jobs' order, the calls run as Ray tasks (one CPU each);
+    at most ``window`` (default: twice the cluster's CPUs) in flight, so that memory does not grow with the
+    number of jobs. The keys ``drop`` stay on the driver."""
+    from collections import deque
+
     with ray_session(address) as ray:
         remote = ray.remote(num_cpus=1)(function)
-        return ray.get([remote.remote(item) for item in items])
+        window = window or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        flight: deque = deque()
+        for job in jobs:
+            flight.append((job, remote.remote({k: v for k, v in job.items() if k not in drop})))
+            if len(flight) >= window:
+                done, future = flight.popleft()
+                yield done, ray.get(future)
+        while flight:
+            done, future = flight.popleft()
+            yield done, ray.get(future)
 
 
 def score_units_ray(checkpoint: str, todo: Sequence[tuple[int, Unit]], settings: ScoreSettings, store: PartStore,
@@ -154,8 +173,11 @@ def score_units_ray(checkpoint: str, todo: Sequence[tuple[int, Unit]], settings:
         threads = cpus_per_worker if not gpus else max(1, int(resources.get("CPU", 1)) // max(gpus, 1))
         dataset = ray.data.from_items([{"index": index} for index, _ in todo], override_num_blocks=len(todo))
         scored = dataset.map_batches(
-            UnitScorerActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=0 if gpus else cpus_per_worker, num_gpus=1 if gpus else 0,
+            # one unit in flight per actor: a unit is long work, and queueing several on the first actor that
+            # starts would leave the others idle
+            UnitScorerActor, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            **({"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}),
             fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "units": dict(todo),
                                    "settings": settings, "parts": str(store.folder.resolve()), "device": device,
                                    "threads": threads, "cwd": os.getcwd()})

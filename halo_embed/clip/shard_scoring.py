@@ -212,9 +212,17 @@ class PartStore:
             for group in range(part.num_row_groups):
                 yield from part.read_row_group(group).to_pylist()
 
-    def finish(self, indices: Sequence[int], output: Path) -> ScoreSummary:
-        """Write every unit's records to ``output`` (atomically) and remove the parts folder."""
-        abstain_bias = self.report(indices[0])[1]
-        summary = write_records(self.records(indices), output, abstain_bias, SHARD_RECORD_FIELDS)
+    def finish(self, units: Sequence[Unit], output: Path) -> ScoreSummary:
+        """Write every unit's records to ``output`` in unit order (atomically) and remove the parts folder.
+        A parquet output records each unit's ``[path, row group, rows, errors]`` in its metadata (``units``: the
+        rows of a unit are contiguous, so a reader can slice them without a column for it) and the run's
+        fingerprint (``header``)."""
+        indices = range(len(units))
+        abstain_bias = self.report(0)[1]
+        reports = [self.report(i)[0] for i in indices]
+        rows = [[unit.path, unit.row_group, report.samples, len(report.errors)]
+                for unit, report in zip(units, reports)]
+        summary = write_records(self.records(indices), output, abstain_bias, SHARD_RECORD_FIELDS,
+                                {"units": json.dumps(rows), "header": json.dumps(self.header)})
         shutil.rmtree(self.folder)
         return summary

@@ -42,29 +42,85 @@ SHARD_DIGITS = 5
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--output-dir", required=True, help="folder for scores.parquet, shards/ and index.parquet")
-    keep = data.add_mutually_exclusive_group()
-    keep.add_argument("--keep", default="accepted", choices=("accepted",),
-                      help="accepted (default): the pairs whose caption beats the abstain sink")
-    keep.add_argument("--top-fraction", type=float, default=None,
-                      help="instead: this share of the scored pairs, highest probability first (e.g. 0.3)")
+    data.add_argument("--top-fraction", type=float, default=None,
+                      help="keep this share of the scored pairs, highest probability first (e.g. 0.3); default: "
+                           "the pairs HALO accepts (the caption beats the abstain sink)")
     add_scoring_arguments(parser, data, "--input")
 
 
-def _kept_mask(scores, top_fraction: float | None):
-    """Which rows to keep: the accepted ones, or the ``top_fraction`` of scored rows by probability (ties
-    by position, so the choice is the same on every run)."""
+#: the columns of scores.parquet the selection reads (captions stay on disk)
+SELECTION_COLUMNS = ["key", "probability", "accept", "logit", "cosine", "error"]
+
+
+def _scored_probabilities(scores) -> Iterator[Any]:
+    """The probabilities of the scored rows, one row group at a time, as non-negative float64 arrays."""
     import numpy as np
 
-    error = scores.column("error").is_null().to_numpy(zero_copy_only=False)
-    if top_fraction is None:
-        accept = scores.column("accept").fill_null(False).to_numpy(zero_copy_only=False)
-        return accept & error
-    probability = scores.column("probability").fill_null(-1.0).to_numpy(zero_copy_only=False)
-    count = math.ceil(top_fraction * int(error.sum()))
-    order = np.argsort(-np.where(error, probability, -np.inf), kind="stable")[:count]
-    mask = np.zeros(len(probability), dtype=bool)
-    mask[order] = True
-    return mask
+    for group in range(scores.num_row_groups):
+        table = scores.read_row_group(group, columns=["probability", "error"])
+        scored = table.column("error").is_null().to_numpy(zero_copy_only=False)
+        values = table.column("probability").fill_null(0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+        yield np.abs(values[scored]) + 0.0  # +0.0 turns a -0.0 into 0.0: the bit order below needs it
+
+
+def top_threshold(scores, count: int) -> tuple[float, int]:
+    """``(t, ties)``: the ``count``-th largest probability among the scored rows of ``scores`` (a
+    ``pyarrow.parquet.ParquetFile``), and how many rows equal to ``t`` complete ``count`` after every row
+    above it. Exact, in four passes over the column with a 65,536-bin histogram each (memory does not grow
+    with the pool): non-negative float64 values order like their bit patterns, 16 bits per pass."""
+    import numpy as np
+
+    prefix, remaining = 0, count
+    for shift in (48, 32, 16, 0):
+        counts = np.zeros(65536, dtype=np.int64)
+        for values in _scored_probabilities(scores):
+            bits = values.view(np.uint64)
+            if shift < 48:
+                bits = bits[(bits >> np.uint64(shift + 16)) == np.uint64(prefix)]
+            counts += np.bincount(((bits >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64), minlength=65536)
+        above = np.cumsum(counts[::-1])  # rows in this bin or a higher one
+        step = int(np.searchsorted(above, remaining))  # the first bin, from the top, that reaches count
+        remaining -= int(above[step - 1]) if step else 0
+        prefix = (prefix << 16) | (65535 - step)
+    return float(np.array([prefix], dtype=np.uint64).view(np.float64)[0]), remaining
+
+
+class Selection:
+    """Which rows to keep, decided row group by row group in the scores' order: the accepted ones, or (with
+    ``threshold``) those above it and the first ``ties`` rows equal to it."""
+
+    def __init__(self, threshold: tuple[float, int] | None) -> None:
+        self.threshold, self.ties = (threshold[0], threshold[1]) if threshold else (None, 0)
+
+    def mask(self, table) -> Any:
+        import numpy as np
+
+        scored = table.column("error").is_null().to_numpy(zero_copy_only=False)
+        if self.threshold is None:
+            return scored & table.column("accept").fill_null(False).to_numpy(zero_copy_only=False)
+        values = np.abs(table.column("probability").fill_null(-1.0).to_numpy(zero_copy_only=False)) + 0.0
+        keep = scored & (values > self.threshold)
+        tied = np.flatnonzero(scored & (values == self.threshold))[: self.ties]
+        keep[tied] = True
+        self.ties -= len(tied)
+        return keep
+
+
+def unit_tables(scores, units_rows: list) -> Iterator[tuple[int, Any]]:
+    """``(unit index, its rows)`` in order: the scores of each unit are contiguous, their counts in the
+    file's metadata; row groups are read one at a time."""
+    import pyarrow as pa
+
+    pending, group = None, 0
+    for index, (_, _, rows, *_) in enumerate(units_rows):
+        while (pending.num_rows if pending is not None else 0) < rows:
+            part = scores.read_row_group(group, columns=SELECTION_COLUMNS)
+            group += 1
+            pending = part if pending is None else pa.concat_tables([pending, part])
+        if pending is None:
+            pending = scores.schema_arrow.empty_table().select(SELECTION_COLUMNS)
+        yield index, pending.slice(0, rows)
+        pending = pending.slice(rows)
 
 
 def _encoded(image: Any) -> tuple[str, bytes]:
@@ -110,7 +166,7 @@ def reshard_unit(job: dict[str, Any]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..data.shards import input_kind
     from ..io import claim_for
-    from .score import _summarise, score_settings, score_to_output, scoring_units
+    from .score import print_summary, score_settings, score_to_output, scoring_units, units_header
 
     check_scoring_args(args)
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
@@ -136,14 +192,10 @@ def run(args: argparse.Namespace) -> int:
         settings = score_settings(args)
         args.output = str(scores_path)
         if scores_path.exists():  # scored before the interruption: only the selection and the shards remain
-            from ..clip.pair_stream import ScoreSummary
-
-            summary, damaged = ScoreSummary(), 0
-            for record in _read_records(scores_path):
-                summary.add(record)
+            summary, damaged = _finished_scores(scores_path, units_header(args, units, settings))
         else:
             summary, damaged = score_to_output(args, units, scores_path, settings)
-        code = _summarise(args, summary, damaged, len(units), time.perf_counter() - start)
+        code = print_summary(args, summary, damaged, len(units), time.perf_counter() - start)
         kept, shards = _write_kept(args, units, scores_path, folder, settings)
     pattern = (f"{folder / 'shards'}/{{{0:0{SHARD_DIGITS}d}..{shards - 1:0{SHARD_DIGITS}d}}}.tar" if shards
                else None)
@@ -154,16 +206,27 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+def _finished_scores(path: Path, header: dict[str, Any]) -> tuple[Any, int]:
+    """The summary of an interrupted filter's finished ``scores.parquet``, which must have been scored from
+    the same inputs, checkpoint and settings; returns (summary, damaged units)."""
     import pyarrow.parquet as pq
 
+    from ..clip.pair_stream import ScoreSummary
+
     scores = pq.ParquetFile(path)
+    if json.loads(scores.schema_arrow.metadata.get(b"header", b"null")) != json.loads(json.dumps(header)):
+        raise ValueError(f"{path} was scored from other inputs, checkpoint or settings: run with the interrupted "
+                         "filter's, or choose another --output-dir")
+    summary = ScoreSummary()
     for group in range(scores.num_row_groups):
-        yield from scores.read_row_group(group).to_pylist()
+        for record in scores.read_row_group(group, columns=["probability", "accept", "truncated", "error"]).to_pylist():
+            summary.add(record)
+    return summary, sum(bool(unit[3]) for unit in json.loads(scores.schema_arrow.metadata[b"units"]))
 
 
 def _write_kept(args: argparse.Namespace, units, scores_path: Path, folder: Path, settings) -> tuple[int, int]:
-    """The selection, its shards and the index (last); returns (pairs kept, shards written)."""
+    """The selection, its shards and the index (last), streaming: one unit's rows and keys at a time (a
+    window of units in flight on Ray); returns (pairs kept, shards written)."""
     import os
 
     import pyarrow as pa
@@ -172,46 +235,61 @@ def _write_kept(args: argparse.Namespace, units, scores_path: Path, folder: Path
     from ..data.shards import Unit
     from ..io import atomic_path
 
-    columns = ["key", "shard", "probability", "accept", "logit", "cosine", "error"]
-    scores = pq.read_table(scores_path, columns=columns)  # one row per pair, no captions: small beside the pool
-    kept = scores.filter(pa.array(_kept_mask(scores, args.top_fraction)))
-    by_path: dict[str, list[str]] = {}
-    for key, shard in zip(kept.column("key").to_pylist(), kept.column("shard").to_pylist()):
-        by_path.setdefault(shard, []).append(key)
+    scores = pq.ParquetFile(scores_path)
+    units_rows = json.loads(scores.schema_arrow.metadata[b"units"])
+    threshold = None
+    if args.top_fraction is not None:
+        scored = sum(len(values) for values in _scored_probabilities(scores))
+        count = math.ceil(args.top_fraction * scored)
+        threshold = top_threshold(scores, count) if count else (float("inf"), 0)
+    selection = Selection(threshold)
     shards = folder / "shards"
     shards.mkdir(exist_ok=True)
     for stale in shards.glob("*.tar"):  # a resumed filter writes its shards again
         stale.unlink()
-    # one job per unit that may keep something (a parquet file's row groups each look for the file's keys);
-    # absolute paths, so that a Ray task on another node reads and writes the same files
-    jobs = [{"unit": Unit(os.path.abspath(unit.path) if "://" not in unit.path else unit.path, unit.row_group),
-             "source": unit.path, "keys": by_path[unit.path], "settings": settings,
-             "path": str((shards / f"part-{n:08d}.tar").resolve())}
-            for n, unit in enumerate(units) if unit.path in by_path]
-    written = _run_jobs(args, jobs)
-    shard_of, count = {}, 0
-    for job, keys in zip(jobs, written):
-        if not keys:
-            Path(job["path"]).unlink()
-            continue
-        final = shards / f"{count:0{SHARD_DIGITS}d}.tar"  # numbered without gaps, in the input's order
-        os.replace(job["path"], final)
-        count += 1
-        for key in keys:
-            shard_of[(job["source"], key)] = str(final)
-    shard_names = [shard_of.get((s, k)) for s, k in zip(kept.column("shard").to_pylist(), kept.column("key").to_pylist())]
-    index = kept.select(["key", "probability", "accept", "logit", "cosine"]).append_column(
-        "source_shard", kept.column("shard")).append_column("shard", pa.array(shard_names, pa.string()))
+
+    def jobs() -> Iterator[dict[str, Any]]:
+        written = 0
+        for index, table in unit_tables(scores, units_rows):
+            kept = table.filter(pa.array(selection.mask(table)))
+            if kept.num_rows == 0:
+                continue
+            unit = units[index]
+            # absolute paths, so that a Ray task on another node reads and writes the same files
+            yield {"unit": Unit(os.path.abspath(unit.path) if "://" not in unit.path else unit.path, unit.row_group),
+                   "source": unit.path, "keys": kept.column("key").to_pylist(), "settings": settings,
+                   "rows": kept, "path": str((shards / f"{written:0{SHARD_DIGITS}d}.tar").resolve())}
+            written += 1
+
+    schema = pa.schema([("key", pa.string()), ("probability", pa.float64()), ("accept", pa.bool_()),
+                        ("logit", pa.float64()), ("cosine", pa.float64()), ("source_shard", pa.string()),
+                        ("shard", pa.string())])
     rule = {"rule": "accepted" if args.top_fraction is None else "top_fraction", "top_fraction": args.top_fraction,
             "input": args.pairs, "checkpoint": str(Path(args.checkpoint).resolve())}
-    with atomic_path(folder / "index.parquet") as tmp:
-        pq.write_table(index.replace_schema_metadata({"filter": json.dumps(rule)}), tmp)
-    return index.num_rows, count
+    kept_rows = shard_count = 0
+    with atomic_path(folder / "index.parquet") as tmp, \
+            pq.ParquetWriter(tmp, schema.with_metadata({"filter": json.dumps(rule)})) as index:
+        for job, keys in _run_jobs(args, jobs()):
+            written = set(keys)  # a sample that vanished since scoring has no shard
+            rows = job["rows"]
+            names = [job["path"] if key in written else None for key in rows.column("key").to_pylist()]
+            index.write_table(pa.table({
+                "key": rows.column("key"), "probability": rows.column("probability"),
+                "accept": rows.column("accept"), "logit": rows.column("logit"), "cosine": rows.column("cosine"),
+                "source_shard": pa.array([job["source"]] * rows.num_rows, pa.string()),
+                "shard": pa.array(names, pa.string())}, schema=schema))
+            kept_rows += rows.num_rows
+            shard_count += 1
+    return kept_rows, shard_count
 
 
-def _run_jobs(args: argparse.Namespace, jobs: list[dict[str, Any]]) -> list[list[str]]:
+def _run_jobs(args: argparse.Namespace, jobs: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """``(job, keys written)`` of each reshard job, in the jobs' order: here, or as Ray tasks (a window of
+    them in flight)."""
     if args.engine != "ray":
-        return [reshard_unit(job) for job in jobs]
+        for job in jobs:
+            yield job, reshard_unit(job)
+        return
     from ..clip.ray_engine import run_tasks
 
-    return run_tasks(reshard_unit, jobs, args.ray_address)
+    yield from run_tasks(reshard_unit, jobs, args.ray_address, drop=("rows",))

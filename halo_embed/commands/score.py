@@ -145,9 +145,8 @@ def _journal_header(args: argparse.Namespace, pairs_path: Path, root: Path, colu
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from ..io import claim_for
-
     from ..data.shards import input_kind
+    from ..io import claim_for
 
     kind = input_kind(args.pairs) if args.input_type == "auto" else args.input_type
     units = None
@@ -182,11 +181,14 @@ def _batch(args: argparse.Namespace) -> int:
 
 def scoring_units(args: argparse.Namespace, kind: str, flag: str):
     """The shard / parquet units of ``args.pairs``, and Ray reachable if asked for (before any model loads)."""
-    from ..data.shards import list_units
+    from ..data.shards import list_units, parquet_columns
 
     units = list_units(args.pairs, kind, flag)
     if args.key_column is not None and kind != "parquet":
         raise ValueError("--key-column names a parquet column; a shard sample's key is its file name")
+    if kind == "parquet":  # every file has the columns (its schema only is read)
+        for path in dict.fromkeys(unit.path for unit in units):
+            parquet_columns(path, args.key_column, args.image_column, args.text_column)
     if args.engine == "ray":
         from ..clip.ray_engine import check_ray
 
@@ -226,6 +228,8 @@ def score_units_to_parts(args: argparse.Namespace, units, store, done: set[int],
     todo = [(i, unit) for i, unit in enumerate(units) if i not in done]
     if done:
         print(f"resuming {store.folder}: {len(done)} of {len(units)} units were scored before", file=sys.stderr)
+    if not todo:  # interrupted while the output was written: no model needed
+        return
     with tqdm(total=len(units), initial=len(done), unit="unit", disable=None, file=sys.stderr) as bar:
         def finished(index: int, report) -> None:
             report_unit(units, index, report, lambda line: bar.write(line, file=sys.stderr))
@@ -266,9 +270,9 @@ def _units_owned(args: argparse.Namespace, units, output: Path | None) -> int:
             sys.stdout.flush()
 
         score_units_streaming(scorer, list(enumerate(units)), settings, args.workers, show)
-        return _summarise(args, summary, skipped, len(units), time.perf_counter() - start)
+        return print_summary(args, summary, skipped, len(units), time.perf_counter() - start)
     summary, damaged = score_to_output(args, units, output, settings)
-    return _summarise(args, summary, damaged, len(units), time.perf_counter() - start)
+    return print_summary(args, summary, damaged, len(units), time.perf_counter() - start)
 
 
 def score_to_output(args: argparse.Namespace, units, output: Path, settings) -> tuple:
@@ -287,10 +291,10 @@ def score_to_output(args: argparse.Namespace, units, output: Path, settings) -> 
         store.start()
     score_units_to_parts(args, units, store, done, settings)
     damaged = sum(bool(store.report(i)[0].errors) for i in range(len(units)))
-    return store.finish(list(range(len(units))), output), damaged
+    return store.finish(units, output), damaged
 
 
-def _summarise(args: argparse.Namespace, summary, damaged_units: int, units: int, seconds: float) -> int:
+def print_summary(args: argparse.Namespace, summary, damaged_units: int, units: int, seconds: float) -> int:
     bad = summary.rows - summary.scored
     print(f"scored {summary.scored} of {summary.rows} pairs in {units} unit(s): {summary.accepted} accepted, "
           f"{summary.scored - summary.accepted} rejected"

@@ -165,6 +165,23 @@ def _tar_samples(unit: Unit, report: UnitReport, keep_files: bool) -> Iterator[R
             except UnicodeDecodeError:
                 error = error or "the caption is not UTF-8"
         yield RawPair(key, image, text, error, files if keep_files else {})
+    damage = None if _is_remote(unit.path) else _tar_end_damage(unit.path)
+    if damage:
+        report.errors.append(f"{unit.path}: {damage}")
+
+
+def _tar_end_damage(path: str) -> str | None:
+    """Why a local tar is cut short, or ``None``: Python's tarfile ends a stream quietly at a missing header,
+    so a shard truncated between two members would pass as a shorter one. A whole tar is a multiple of
+    512 bytes and ends with two zero blocks."""
+    size = os.path.getsize(path)
+    if size % 512:
+        return f"truncated tar ({size} bytes, not whole 512-byte blocks): samples after the damage are lost"
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 1024))
+        if handle.read(1024).strip(b"\0"):
+            return "truncated tar (no end-of-archive blocks): samples after the damage are lost"
+    return None
 
 
 def _column(names: Sequence[str], given: str | None, candidates: Sequence[str], what: str, where: str) -> str | None:

@@ -68,6 +68,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..data.shard_training import ShardLoader
 from ..io import atomic_write_json
 from .common import print_reports, recipe_main, warmup_cosine
 from .finetune_config import AUTOCAST, RESUMABLE_OPTIONS, FinetuneConfig, add_arguments, configs_from_args, validate
@@ -174,7 +175,7 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
     zeroshot_data = zeroshot_data_for(config)  # a bad --zeroshot-data too
     model = build_model(config, accelerator.process_index, accelerator.num_processes)
     attach_feature_cache(model, config, training=True)
-    loader = training_loader(config, train_source, model.backbone)
+    loader = training_loader(config, train_source, model.backbone, accelerator)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is None or not (run_dir / "config.json").is_file():
@@ -189,7 +190,10 @@ def _train_owned(accelerator, config: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=config.eps)
     scheduler = warmup_cosine(optimizer, config.warmup, total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if isinstance(loader, ShardLoader):  # each process already reads its own shards, to its device
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # the position travels as progress.json, not through register_for_checkpointing (whose file is unpickled
     # as a full pickle: a crafted one would run code)
     position = RunPosition()
@@ -324,8 +328,13 @@ def epoch_batches(accelerator, loader, position: RunPosition, config: FinetuneCo
 
     loader.set_epoch(position.epoch)
     whole_epoch, usable, first_error = position.batches_in_epoch == 0, 0, None
-    batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
-        else loader
+    sharded = isinstance(loader, ShardLoader)
+    if sharded:
+        loader.resume_at(position.batches_in_epoch)
+        batches = _until_any_process_runs_out(accelerator, loader)
+    else:
+        batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
+            else loader
     for batch in batches:
         position.batches_in_epoch += 1
         if batch["errors"]:
@@ -343,6 +352,20 @@ def epoch_batches(accelerator, loader, position: RunPosition, config: FinetuneCo
         raise ImageLoadError(f"no training image of a whole epoch could be read, e.g. {first_error}")
     position.epoch += 1
     position.batches_in_epoch = 0
+
+
+def _until_any_process_runs_out(accelerator, loader) -> Iterator[dict[str, Any]]:
+    """The loader's batches while every process still has one: shards without resampling can hold fewer
+    samples on one process than on another, and a process that stopped alone would leave the others
+    waiting for its gradients. One tiny all-reduce per batch on several processes."""
+    from ..distributed import every_process
+
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if not every_process(batch is not None, accelerator.device):
+            return
+        yield batch
 
 
 class StepMeter:

@@ -89,8 +89,13 @@ class FinetuneConfig:
     train_data: str = option("shapes", "'shapes' (built-in), a CSV/TSV, an image folder, or an HF dataset")
     val_data: str | None = option(None, "the same kinds (default for shapes: its val split; for an HF dataset: "
                                         "--hf-val-split)")
-    dataset_type: str = option("auto", "how to read --train-data / --val-data",
-                               choices=("auto", "shapes", "csv", "imagefolder", "hf"))
+    dataset_type: str = option("auto", "how to read --train-data / --val-data (webdataset: tar shards, "
+                                       "'shards/{00000..00099}.tar', '::'-separated lists or globs)",
+                               choices=("auto", "shapes", "csv", "imagefolder", "hf", "webdataset"))
+    train_num_samples: int | None = option(None, "webdataset: samples per epoch (required: shards have no "
+                                                 "length; open_clip_train's meaning)")
+    dataset_resampled: bool = option(False, "webdataset: draw shards with replacement, each worker its own "
+                                            "seeded draw (open_clip_train's flag)")
     csv_img_key: str | None = option(None, "image path column (default: filepath, else image)")
     csv_caption_key: str | None = option(None, "caption column (default: title, else caption)")
     csv_separator: str | None = option(None, "CSV field separator (default: from the file's suffix)")
@@ -316,6 +321,8 @@ def validate(config: FinetuneConfig) -> None:
         raise ValueError(f"--pretrained-image {config.pretrained_image} is not a file")
     if config.feature_cache not in (None, "auto", "run", "off") and Path(config.feature_cache).is_file():
         raise ValueError(f"--feature-cache {config.feature_cache} is a file; give a folder, 'run' or 'off'")
+    if config.train_num_samples is not None and config.train_num_samples < 1:
+        raise ValueError(f"--train-num-samples must be >= 1, got {config.train_num_samples}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (leave it out to train --epochs epochs), got {config.max_steps}")
     if config.loss == "halo" and config.batch_size < 2:

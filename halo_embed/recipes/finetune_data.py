@@ -15,11 +15,15 @@ __all__ = ["PairSubset", "adapter_batches", "calibration_data_for", "calibration
 
 
 def source_kind(path: str, declared: str) -> str:
-    """``shapes``, ``csv``, ``imagefolder`` or ``hf`` (``declared`` unless it is ``auto``)."""
+    """``shapes``, ``csv``, ``imagefolder``, ``webdataset`` or ``hf`` (``declared`` unless it is ``auto``)."""
+    from ..data.shards import input_kind
+
     if declared != "auto":
         return declared
     if path == "shapes":
         return "shapes"
+    if input_kind(path) == "webdataset":
+        return "webdataset"
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv", ".tab"):
         return "csv"
@@ -43,6 +47,16 @@ def load_pairs(config: FinetuneConfig, split: str):
     if split == "val" and config.val_data is None and kind != "hf":
         raise ValueError("--val-data is required for this --train-data (only the built-in shapes and HF datasets "
                          "with a validation split have one)")
+    if kind != "webdataset" and split == "train" and (config.train_num_samples or config.dataset_resampled):
+        raise ValueError(f"--{'train-num-samples' if config.train_num_samples else 'dataset-resampled'} applies to "
+                         f"webdataset shards; --train-data {path} is read as {kind} (an epoch is all of it)")
+    if kind == "webdataset":
+        from ..data.shard_training import ShardPairs
+
+        if split == "train" and config.train_num_samples is None:
+            raise ValueError("--train-num-samples is required with webdataset shards (they have no length; it "
+                             "defines the epoch, as in open_clip_train)")
+        return ShardPairs(path, "--train-data" if split == "train" else "--val-data", seed=config.seed)
     if kind == "csv":
         return CSVPairs(path, config.csv_img_key, config.csv_caption_key, config.csv_separator)
     if kind == "imagefolder":
@@ -80,9 +94,16 @@ def split_calibration(config: FinetuneConfig, source):
         ValueError: a split that leaves fewer images than a stable fit needs, or no training image.
     """
     from ..clip.decision import check_min_images
+    from ..data.shard_training import CALIBRATION_IMAGES, ShardPairs
 
     if not config.calibration_split:
         return source, None
+    if isinstance(source, ShardPairs):  # held out by a hash of each sample's key; the first ones calibrate
+        source = source.with_holdout(config.calibration_split)
+        calibration = source.read(CALIBRATION_IMAGES, held_out=True)
+        check_min_images(len(calibration), f"--calibration-split {config.calibration_split:g} of the shards' "
+                                           f"samples (at most {CALIBRATION_IMAGES} read)")
+        return source, calibration
     key_of = getattr(source, "image_key", None)
     by_image: dict = {}
     for index in range(len(source)):
@@ -118,11 +139,18 @@ def calibration_pairs(calibration, seed: int):
     return build_eval_data(calibration, max_images=len(calibration), seed=seed)
 
 
-def training_loader(config: FinetuneConfig, source, backbone):
-    """Batches of augmented pairs in an order that depends only on ``(seed, epoch)`` (full batches only)."""
+def training_loader(config: FinetuneConfig, source, backbone, accelerator=None):
+    """Batches of augmented pairs in an order that depends only on ``(seed, epoch)`` (full batches only);
+    for webdataset shards a :class:`~halo_embed.data.shard_training.ShardLoader` of this process's share,
+    which ``accelerator.prepare`` must not wrap."""
     from torch.utils.data import DataLoader
 
     from ..data.pairs import EpochSampler, PairDataset, collate_pairs
+    from ..data.shard_training import ShardPairs, shard_loader_for
+
+    if isinstance(source, ShardPairs):
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        return shard_loader_for(source, config, backbone, rank, world, accelerator.device if accelerator else "cpu")
 
     dataset = PairDataset(source, backbone.image_transform(train=config.train_augment == "model"), seed=config.seed,
                           max_pixels=config.max_image_pixels)
@@ -143,7 +171,10 @@ def adapter_batches(config: FinetuneConfig, source, backbone) -> list[tuple[torc
     """
     from ..data.images import ImageLoadError
     from ..data.pairs import PairDataset, collate_pairs
+    from ..data.shard_training import ShardPairs
 
+    if isinstance(source, ShardPairs):  # the first samples in shard order (no random access)
+        source = source.read(config.adapter_samples)
     dataset = PairDataset(source, backbone.image_transform(train=False), seed=config.seed,
                           max_pixels=config.max_image_pixels)
     count = min(config.adapter_samples, len(dataset))
@@ -164,7 +195,11 @@ def eval_data_for(config: FinetuneConfig):
     from ..data.collections import ImageCollection
     from ..data.shapes import ShapesDataset, ood_texture
 
+    from ..data.shard_training import ShardPairs
+
     source = load_pairs(config, "val")
+    if isinstance(source, ShardPairs):  # the first --eval-images samples of the validation shards
+        source = source.read(config.eval_images)
     ood = {}
     hard = None
     if isinstance(source, ShapesDataset):
