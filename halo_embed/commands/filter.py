@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
     kind = input_kind(args.pairs) if args.input_type == "auto" else args.input_type
     if kind == "csv":
-        raise ValueError(f"--input {args.pairs} is not webdataset shards or parquet: halo-embed filter writes "
-                         "shards of shards (score a CSV with halo-embed score)")
+        raise ValueError(f"--input {args.pairs} is not webdataset shards or parquet: halo-embed filter reads "
+                         "those (score a CSV with halo-embed score)")
     folder = Path(args.output_dir)
     if folder.is_file():
         raise ValueError(f"--output-dir {folder} is a file")

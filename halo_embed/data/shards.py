@@ -73,11 +73,11 @@ def expand_shards(spec: str, what: str = "--train-data") -> list[str]:
 def input_kind(spec: str) -> str:
     """``webdataset`` (``.tar`` shards, brace patterns, ``::`` lists), ``parquet`` (``.parquet`` files or a
     folder of them) or ``csv``."""
-    if "::" in spec or "{" in spec or spec.endswith(".tar") or spec.endswith(".tar.gz"):
-        return "webdataset"
     path = Path(spec)
     if spec.endswith(".parquet") or (path.is_dir() and any(path.glob("*.parquet"))):
         return "parquet"
+    if "::" in spec or "{" in spec or spec.endswith(".tar") or spec.endswith(".tar.gz"):
+        return "webdataset"
     if any(c in spec for c in "*?[") and spec.rstrip("*").endswith((".tar", "/")):
         return "webdataset"
     return "csv"
@@ -164,8 +164,11 @@ def _tar_samples(unit: Unit, report: UnitReport, keep_files: bool) -> Iterator[R
                 text = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 error = error or "the caption is not UTF-8"
+            if text == "":
+                error = error or "empty caption"
         yield RawPair(key, image, text, error, files if keep_files else {})
-    damage = None if _is_remote(unit.path) else _tar_end_damage(unit.path)
+    # (a compressed shard ends in its compressor's trailer: gzip already reports a cut stream)
+    damage = _tar_end_damage(unit.path) if unit.path.endswith(".tar") and not _is_remote(unit.path) else None
     if damage:
         report.errors.append(f"{unit.path}: {damage}")
 
@@ -238,19 +241,20 @@ def _parquet_samples(unit: Unit, columns: tuple[str | None, str, str]) -> Iterat
         yield RawPair(key, image or None, text.strip() if isinstance(text, str) else None, error)
 
 
-def read_unit(unit: Unit, report: UnitReport, parquet_columns: tuple[str | None, str, str] | None = None,
+def read_unit(unit: Unit, report: UnitReport, columns: tuple[str | None, str, str] | None = None,
               keep_files: bool = False) -> Iterator[RawPair]:
     """The samples of a unit in stored order; ``report`` counts them and collects the unit's own errors
     (a truncated or unreadable tar goes on with the samples read before the damage).
 
     Args:
+        columns: a parquet unit's ``(key, image, caption)`` columns (:func:`parquet_columns`).
         keep_files: a shard sample keeps all its files (:attr:`RawPair.files`), to be written elsewhere.
     """
     if unit.row_group is None:
         samples = _tar_samples(unit, report, keep_files)
     else:
         try:
-            samples = _parquet_samples(unit, parquet_columns)
+            samples = _parquet_samples(unit, columns)
             first = next(samples, None)
         except Exception as error:  # a damaged row group: the unit's error, the other units go on
             report.errors.append(f"{unit}: {error}")
