@@ -140,7 +140,7 @@ def main() -> int:
     finetune = ["finetune", "--model", base, "--dataset-type", "webdataset", "--train-data", train_spec,
                 "--val-data", train_spec, "--train-num-samples", str(len(kept)), "--batch-size", str(batch),
                 "--max-steps", str(steps), "--lock-image", "--lock-text", "--train-augment", "none",
-                "--eval-images", "64" if not args.smoke else "16", "--adapter-samples", "256" if not args.smoke else "16",
+                "--eval-images", "16" if args.smoke else "64", "--adapter-samples", "16" if args.smoke else "256",
                 "--logs", str(out), "--name", "finetune-kept", "--no-progress", "--report-to", "none",
                 "--log-every-n-steps", "1"]
     if not args.smoke:

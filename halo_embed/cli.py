@@ -16,7 +16,8 @@ __all__ = ["main"]
 #: subcommand -> the module that runs it: ``HELP``, ``add_arguments(parser)``, ``run(args)`` and
 #: ``CLI_DESCRIPTION`` (else its docstring); imported when the parser is built
 COMMANDS = {"demo": "halo_embed.recipes.demo", "score": "halo_embed.commands.score",
-            "calibrate": "halo_embed.commands.calibrate", "filter": "halo_embed.commands.filter", "finetune": "halo_embed.recipes.clip_finetune",
+            "calibrate": "halo_embed.commands.calibrate", "filter": "halo_embed.commands.filter",
+            "finetune": "halo_embed.recipes.clip_finetune",
             "wise-ft": "halo_embed.recipes.wise_ft", "cifar": "halo_embed.recipes.cifar"}
 
 

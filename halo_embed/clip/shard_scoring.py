@@ -90,7 +90,8 @@ class UnitStream(IterableDataset):
 
     def __init__(self, units: Sequence[tuple[int, Unit]], transform: Callable, tokenize_checked: Callable,
                  settings: ScoreSettings) -> None:
-        self.units, self.transform, self.tokenize_checked, self.settings = list(units), transform, tokenize_checked, settings
+        self.units, self.transform, self.settings = list(units), transform, settings
+        self.tokenize_checked = tokenize_checked
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
