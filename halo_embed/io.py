@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["ClaimedError", "atomic_path", "atomic_write_json", "atomic_write_text", "claim", "claim_for", "file_stamp",
-           "new_file_mode", "to_jsonable", "unused_path"]
+           "is_remote", "new_file_mode", "to_jsonable", "unused_path"]
 
 
 @contextlib.contextmanager
@@ -47,9 +47,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A URL (``s3://``, ``https://``) or a ``pipe:`` command, as webdataset opens them, not a local file."""
+    return "://" in str(path) or str(path).startswith("pipe:")
+
+
 def file_stamp(path: str | os.PathLike) -> list:
     """``[path, size, mtime_ns]`` of a local file (a URL: ``[url]``): what must not change under a resume."""
-    if "://" in str(path) or str(path).startswith("pipe:"):
+    if is_remote(path):
         return [str(path)]
     info = Path(path).stat()
     return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]

@@ -32,8 +32,8 @@ from ..data.images import ImageLoadError, load_image
 from ..data.tables import CSVRow
 from ..io import atomic_path
 
-__all__ = ["JOURNAL_FORMAT", "RECORD_FIELDS", "PairCollate", "PairRows", "ScoreJournal", "ScoreSummary", "pair_batches",
-           "score_batch", "write_records", "write_scores"]
+__all__ = ["JOURNAL_FORMAT", "RECORD_FIELDS", "PairCollate", "PairRows", "ScoreJournal", "ScoreSummary", "context_length",
+           "pair_batches", "score_batch", "write_records", "write_scores"]
 
 JOURNAL_FORMAT = "halo-embed/score-journal/1"
 #: The fields of one output row, in the output's column order.
@@ -110,14 +110,22 @@ def _select(tokens: Any, keep: list[int]) -> Any:
     return tokens[index]
 
 
-def score_batch(scorer: Any, batch: dict[str, Any], strict_text: bool, context_length: int | None) -> list[dict]:
+def context_length(scorer: Any) -> int | None:
+    """The tokens the scorer's text tower reads (``None``: a backbone that cannot tell)."""
+    try:
+        return scorer.model.backbone.context_length
+    except NotImplementedError:
+        return None
+
+
+def score_batch(scorer: Any, batch: dict[str, Any], strict_text: bool) -> list[dict]:
     """Fill in the batch's records: scores for the good rows, an error for captions ``strict_text`` rejects."""
     records, good, flags = batch["records"], batch["good"], batch["truncated"]
     keep = list(range(len(good)))
     if flags is not None:
         for position, i in enumerate(good):
             if bool(flags[position]) and strict_text:
-                records[i]["error"] = (f"{TOO_LONG} {context_length} tokens the text tower reads "
+                records[i]["error"] = (f"{TOO_LONG} {context_length(scorer)} tokens the text tower reads "
                                        "(--strict-text)")
         keep = [p for p in keep if not (strict_text and bool(flags[p]))]
     if keep:
@@ -137,6 +145,7 @@ class ScoreSummary:
     scored: int = 0
     accepted: int = 0
     too_long: int = 0
+    damaged_units: int = 0  # shards / row groups read only up to their damage (a corrupt tar)
 
     def add(self, record: dict[str, Any]) -> None:
         self.rows += 1

@@ -102,13 +102,6 @@ class UnitStream(IterableDataset):
                 yield batch
 
 
-def _context_length(scorer: Any) -> int | None:
-    try:
-        return scorer.model.backbone.context_length
-    except NotImplementedError:
-        return None
-
-
 def _finish(records: list[dict[str, Any]], report: UnitReport) -> UnitReport:
     # counted after scoring: an image that does not decode, a caption --strict-text rejects are broken too
     report.broken = sum(record["error"] is not None for record in records)
@@ -118,12 +111,11 @@ def _finish(records: list[dict[str, Any]], report: UnitReport) -> UnitReport:
 def score_unit(scorer: Any, unit: Unit, settings: ScoreSettings) -> tuple[list[dict[str, Any]], UnitReport]:
     """Every record of one unit, scored in this process (a Ray actor's work)."""
     backbone = scorer.model.backbone
-    context = _context_length(scorer)
     records: list[dict[str, Any]] = []
     for batch in unit_batches(unit, backbone.image_transform(train=False), backbone.tokenize_checked, settings):
         if batch.get("end"):
             return records, _finish(records, batch["report"])
-        records.extend(score_batch(scorer, batch, settings.strict_text, context))
+        records.extend(score_batch(scorer, batch, settings.strict_text))
     raise AssertionError("unit_batches ends with its report")
 
 
@@ -139,7 +131,6 @@ def score_units_streaming(scorer: Any, units: Sequence[tuple[int, Unit]], settin
     loader = DataLoader(UnitStream(units, backbone.image_transform(train=False), backbone.tokenize_checked, settings),
                         batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
                         pin_memory=scorer.device.type == "cuda")
-    context = _context_length(scorer)
     pending: dict[int, list[dict[str, Any]]] = {}
     for batch in loader:
         index = batch["unit"]
@@ -147,7 +138,7 @@ def score_units_streaming(scorer: Any, units: Sequence[tuple[int, Unit]], settin
             records = pending.pop(index, [])
             on_unit(index, records, _finish(records, batch["report"]))
         else:
-            pending.setdefault(index, []).extend(score_batch(scorer, batch, settings.strict_text, context))
+            pending.setdefault(index, []).extend(score_batch(scorer, batch, settings.strict_text))
 
 
 class PartStore:
@@ -214,8 +205,8 @@ class PartStore:
                 yield from part.read_row_group(group).to_pylist()
 
     def finish(self, units: Sequence[Unit], output: Path) -> ScoreSummary:
-        """Write every unit's records to ``output`` in unit order (atomically) and remove the parts folder.
-        A parquet output records each unit's ``[path, row group, rows, errors]`` in its metadata (``units``: the
+        """Write every unit's records to ``output`` in unit order (atomically) and remove the parts folder;
+        the summary counts the damaged units too. A parquet output records each unit's ``[path, row group, rows, errors]`` in its metadata (``units``: the
         rows of a unit are contiguous, so a reader can slice them without a column for it) and the run's
         fingerprint (``header``)."""
         indices = range(len(units))
@@ -226,4 +217,5 @@ class PartStore:
         summary = write_records(self.records(indices), output, abstain_bias, SHARD_RECORD_FIELDS,
                                 {"units": json.dumps(rows), "header": json.dumps(self.header)})
         shutil.rmtree(self.folder)
+        summary.damaged_units = sum(bool(report.errors) for report in reports)
         return summary

@@ -192,11 +192,11 @@ def run(args: argparse.Namespace) -> int:
         settings = score_settings(args)
         args.output = str(scores_path)
         if scores_path.exists():  # scored before the interruption: only the selection and the shards remain
-            summary, damaged = _finished_scores(scores_path, units_header(args, units, settings))
+            summary = _finished_scores(scores_path, units_header(args, units, settings))
         else:
-            summary, damaged = score_to_output(args, units, scores_path, settings)
-        code = print_summary(args, summary, damaged, len(units), time.perf_counter() - start)
-        kept, shards = _write_kept(args, units, scores_path, folder, settings)
+            summary = score_to_output(args, units, scores_path, settings)
+        code = print_summary(args, summary, len(units), time.perf_counter() - start)
+        kept, shards = _write_kept(args, units, scores_path, folder, settings, summary.scored)
     pattern = (f"{folder / 'shards'}/{{{0:0{SHARD_DIGITS}d}..{shards - 1:0{SHARD_DIGITS}d}}}.tar" if shards
                else None)
     rule = "accepted" if args.top_fraction is None else f"top {args.top_fraction:g}"
@@ -206,9 +206,9 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _finished_scores(path: Path, header: dict[str, Any]) -> tuple[Any, int]:
+def _finished_scores(path: Path, header: dict[str, Any]):
     """The summary of an interrupted filter's finished ``scores.parquet``, which must have been scored from
-    the same inputs, checkpoint and settings; returns (summary, damaged units)."""
+    the same inputs, checkpoint and settings."""
     import pyarrow.parquet as pq
 
     from ..clip.pair_stream import ScoreSummary
@@ -221,25 +221,26 @@ def _finished_scores(path: Path, header: dict[str, Any]) -> tuple[Any, int]:
     for group in range(scores.num_row_groups):
         for record in scores.read_row_group(group, columns=["probability", "accept", "truncated", "error"]).to_pylist():
             summary.add(record)
-    return summary, sum(bool(unit[3]) for unit in json.loads(scores.schema_arrow.metadata[b"units"]))
+    summary.damaged_units = sum(bool(unit[3]) for unit in json.loads(scores.schema_arrow.metadata[b"units"]))
+    return summary
 
 
-def _write_kept(args: argparse.Namespace, units, scores_path: Path, folder: Path, settings) -> tuple[int, int]:
-    """The selection, its shards and the index (last), streaming: one unit's rows and keys at a time (a
-    window of units in flight on Ray); returns (pairs kept, shards written)."""
+def _write_kept(args: argparse.Namespace, units, scores_path: Path, folder: Path, settings,
+                scored: int) -> tuple[int, int]:
+    """The selection among the ``scored`` pairs, its shards and the index (last), streaming: one unit's rows
+    and keys at a time (a window of units in flight on Ray); returns (pairs kept, shards written)."""
     import os
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ..data.shards import Unit
-    from ..io import atomic_path
+    from ..io import atomic_path, is_remote
 
     scores = pq.ParquetFile(scores_path)
     units_rows = json.loads(scores.schema_arrow.metadata[b"units"])
     threshold = None
     if args.top_fraction is not None:
-        scored = sum(len(values) for values in _scored_probabilities(scores))
         count = math.ceil(args.top_fraction * scored)
         threshold = top_threshold(scores, count) if count else (float("inf"), 0)
     selection = Selection(threshold)
@@ -256,7 +257,7 @@ def _write_kept(args: argparse.Namespace, units, scores_path: Path, folder: Path
                 continue
             unit = units[index]
             # absolute paths, so that a Ray task on another node reads and writes the same files
-            yield {"unit": Unit(os.path.abspath(unit.path) if "://" not in unit.path else unit.path, unit.row_group),
+            yield {"unit": Unit(unit.path if is_remote(unit.path) else os.path.abspath(unit.path), unit.row_group),
                    "source": unit.path, "keys": kept.column("key").to_pylist(), "settings": settings,
                    "rows": kept, "path": str((shards / f"{written:0{SHARD_DIGITS}d}.tar").resolve())}
             written += 1

@@ -258,26 +258,25 @@ def _units_owned(args: argparse.Namespace, units, output: Path | None) -> int:
     settings = score_settings(args)
     start = time.perf_counter()
     if output is None:  # JSON lines as units finish, in the order they finish
-        summary, scorer, skipped = ScoreSummary(), _scorer(args), 0
+        summary, scorer = ScoreSummary(), _scorer(args)
 
         def show(index: int, records, report) -> None:
-            nonlocal skipped
             report_unit(units, index, report, lambda line: print(line, file=sys.stderr))
-            skipped += bool(report.errors)
+            summary.damaged_units += bool(report.errors)
             for record in records:
                 summary.add(record)
             sys.stdout.write("".join(json.dumps(record) + "\n" for record in records))
             sys.stdout.flush()
 
         score_units_streaming(scorer, list(enumerate(units)), settings, args.workers, show)
-        return print_summary(args, summary, skipped, len(units), time.perf_counter() - start)
-    summary, damaged = score_to_output(args, units, output, settings)
-    return print_summary(args, summary, damaged, len(units), time.perf_counter() - start)
+        return print_summary(args, summary, len(units), time.perf_counter() - start)
+    summary = score_to_output(args, units, output, settings)
+    return print_summary(args, summary, len(units), time.perf_counter() - start)
 
 
-def score_to_output(args: argparse.Namespace, units, output: Path, settings) -> tuple:
+def score_to_output(args: argparse.Namespace, units, output: Path, settings):
     """Score every unit into ``output`` through ``<output>.parts/`` (resumed with ``args.resume``);
-    returns the output's :class:`~halo_embed.clip.pair_stream.ScoreSummary` and the count of damaged units."""
+    returns the output's :class:`~halo_embed.clip.pair_stream.ScoreSummary`."""
     from ..clip.shard_scoring import PartStore
 
     if output.exists():
@@ -290,12 +289,11 @@ def score_to_output(args: argparse.Namespace, units, output: Path, settings) -> 
     if not store.folder.exists():
         store.start()
     score_units_to_parts(args, units, store, done, settings)
-    damaged = sum(bool(store.report(i)[0].errors) for i in range(len(units)))
-    return store.finish(units, output), damaged
+    return store.finish(units, output)
 
 
-def print_summary(args: argparse.Namespace, summary, damaged_units: int, units: int, seconds: float) -> int:
-    bad = summary.rows - summary.scored
+def print_summary(args: argparse.Namespace, summary, units: int, seconds: float) -> int:
+    bad, damaged_units = summary.rows - summary.scored, summary.damaged_units
     print(f"scored {summary.scored} of {summary.rows} pairs in {units} unit(s): {summary.accepted} accepted, "
           f"{summary.scored - summary.accepted} rejected"
           + (f"; {bad} sample(s) skipped" if bad else "")
@@ -311,7 +309,8 @@ def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None
     """:func:`_batch` once this process owns ``output`` (or prints JSON lines)."""
     from tqdm.auto import tqdm
 
-    from ..clip.pair_stream import PairRows, ScoreJournal, ScoreSummary, pair_batches, score_batch, write_scores
+    from ..clip.pair_stream import (PairRows, ScoreJournal, ScoreSummary, context_length, pair_batches, score_batch,
+                                    write_scores)
     from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_csv
 
     journal_path = None
@@ -345,10 +344,7 @@ def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None
     done = done or 0
     backbone = scorer.model.backbone
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize; no threads across a fork
-    try:
-        context = backbone.context_length
-    except NotImplementedError:
-        context = None
+    context = context_length(scorer)
     dataset = PairRows(rows, *columns, root, backbone.image_transform(train=False), args.max_image_pixels, done)
     loader = pair_batches(dataset, backbone.tokenize_checked, args.batch_size, min(args.workers, len(dataset)),
                           pin_memory=scorer.device.type == "cuda")
@@ -358,7 +354,7 @@ def _batch_owned(args: argparse.Namespace, pairs_path: Path, output: Path | None
     with tqdm(total=len(rows), initial=done, unit="pair", disable=None, file=sys.stderr) as bar:
         try:
             for batch in loader:
-                records = score_batch(scorer, batch, args.strict_text, context)
+                records = score_batch(scorer, batch, args.strict_text)
                 for record in records:
                     summary.add(record)
                     where = f"{pairs_path}, line {record['line']} (row {record['row']})"

@@ -29,6 +29,7 @@ __all__ = [
     "HFPairs",
     "PairDataset",
     "collate_pairs",
+    "training_sample",
 ]
 
 
@@ -172,15 +173,23 @@ class PairDataset(Dataset):
 
     def __getitem__(self, draw_id: int) -> dict[str, Any]:
         image, caption, image_id = self.source[draw_id % len(self.source)]
-        sample = {"pixels": None, "caption": caption, "image_id": int(image_id), "error": None}
-        try:
-            pil = load_image(image, max_pixels=self.max_pixels)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + int(draw_id))
-                sample["pixels"] = self.transform(pil)
-        except (ImageLoadError, TypeError) as error:
-            sample["error"] = str(error)
-        return sample
+        return training_sample(image, caption, int(image_id), self.transform, self.seed * 1_000_003 + int(draw_id),
+                               self.max_pixels)
+
+
+def training_sample(image: Any, caption: str, image_id: int, transform: Callable, augmentation_seed: int,
+                    max_pixels: int | None, name: str | None = None) -> dict[str, Any]:
+    """One training sample: ``pixels`` through ``transform`` with the augmentation seeded by
+    ``augmentation_seed`` (the global RNG untouched), or ``None`` and the ``error`` for a broken image."""
+    sample = {"pixels": None, "caption": caption, "image_id": image_id, "error": None}
+    try:
+        pil = load_image(image, max_pixels=max_pixels, name=name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed % 2 ** 63)
+            sample["pixels"] = transform(pil)
+    except (ImageLoadError, TypeError) as error:
+        sample["error"] = str(error)
+    return sample
 
 
 def collate_pairs(samples: Sequence[dict[str, Any]], tokenize: Callable[[list[str]], Any]) -> dict[str, Any]:

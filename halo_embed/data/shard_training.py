@@ -41,11 +41,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from .pairs import collate_pairs
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError
+from .pairs import collate_pairs, training_sample
 from .shards import CAPTION_KEY, IMAGE_KEYS, RawPair, Unit, UnitReport, expand_shards, read_unit
 
-__all__ = ["MemoryPairs", "ShardLoader", "ShardPairs", "ShardStream", "shard_loader_for"]
+__all__ = ["MemoryPairs", "ShardLoader", "ShardPairs", "ShardStream"]
 
 #: samples in each worker's shuffle buffer (open_clip_train uses 5000 at full scale; memory: encoded images)
 SHUFFLE_BUFFER = 1000
@@ -172,15 +172,8 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def _decode(self, url: str, raw: RawPair, draw: int) -> dict[str, Any]:
-        sample = {"pixels": None, "caption": raw.text, "image_id": _stable_hash(url, raw.key), "error": None}
-        try:
-            image = load_image(raw.image, self.max_pixels, name=f"{url}:{raw.key}")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + draw) % 2 ** 63)
-                sample["pixels"] = self.transform(image)
-        except (ImageLoadError, TypeError) as error:
-            sample["error"] = str(error)
-        return sample
+        return training_sample(raw.image, raw.text, _stable_hash(url, raw.key), self.transform,
+                               self.seed * 1_000_003 + draw, self.max_pixels, name=f"{url}:{raw.key}")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -255,11 +248,3 @@ class ShardLoader:
                 batch["tokens"] = move_tokens(batch["tokens"], self.device)
                 batch["image_ids"] = batch["image_ids"].to(self.device)
             yield batch
-
-
-def shard_loader_for(source: ShardPairs, config: Any, backbone: Any, rank: int, world: int,
-                     device: torch.device) -> ShardLoader:
-    """The :class:`ShardLoader` of the fine-tuning recipe's options."""
-    return ShardLoader(source, backbone.image_transform(train=config.train_augment == "model"),
-                       backbone.tokenize, config.batch_size, config.train_num_samples, rank, world,
-                       config.workers, config.seed, config.dataset_resampled, config.max_image_pixels, device)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..io import is_remote
+
 __all__ = ["CAPTION_KEY", "IMAGE_KEYS", "RawPair", "Unit", "UnitReport", "expand_shards", "input_kind", "list_units",
            "parquet_columns", "read_unit", "write_shard"]
 
@@ -33,10 +35,6 @@ CAPTION_KEY = "txt"
 PARQUET_KEY_COLUMNS = ("key", "uid", "__key__", "id")
 PARQUET_IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "filepath", "image_path", "path", "url_local")
 PARQUET_TEXT_COLUMNS = ("txt", "caption", "text", "title")
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
 
 
 def expand_shards(spec: str, what: str = "--train-data") -> list[str]:
@@ -54,7 +52,7 @@ def expand_shards(spec: str, what: str = "--train-data") -> list[str]:
     urls, missing = [], []
     for part in spec.split("::"):
         for url in braceexpand(part.strip()):
-            if _is_remote(url):
+            if is_remote(url):
                 urls.append(url)
             elif any(c in url for c in "*?["):
                 urls.extend(sorted(p for p in glob.glob(url) if Path(p).is_file()))
@@ -108,7 +106,8 @@ class RawPair:
 
 @dataclass
 class UnitReport:
-    """What reading a unit found: its samples and the errors that are not one sample's (a corrupt tar)."""
+    """What reading a unit found: its samples and the errors that are not one sample's (a corrupt tar); the
+    scorer fills in ``broken``, the samples it could not score (an image that does not decode included)."""
 
     samples: int = 0
     broken: int = 0
@@ -168,7 +167,7 @@ def _tar_samples(unit: Unit, report: UnitReport, keep_files: bool) -> Iterator[R
                 error = error or "empty caption"
         yield RawPair(key, image, text, error, files if keep_files else {})
     # (a compressed shard ends in its compressor's trailer: gzip already reports a cut stream)
-    damage = _tar_end_damage(unit.path) if unit.path.endswith(".tar") and not _is_remote(unit.path) else None
+    damage = _tar_end_damage(unit.path) if unit.path.endswith(".tar") and not is_remote(unit.path) else None
     if damage:
         report.errors.append(f"{unit.path}: {damage}")
 
@@ -264,7 +263,6 @@ def read_unit(unit: Unit, report: UnitReport, columns: tuple[str | None, str, st
         samples = _chain(first, samples)
     for sample in samples:
         report.samples += 1
-        report.broken += sample.error is not None
         yield sample
 
 

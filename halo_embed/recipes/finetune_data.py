@@ -146,14 +146,16 @@ def training_loader(config: FinetuneConfig, source, backbone, accelerator=None):
     from torch.utils.data import DataLoader
 
     from ..data.pairs import EpochSampler, PairDataset, collate_pairs
-    from ..data.shard_training import ShardPairs, shard_loader_for
+    from ..data.shard_training import ShardLoader, ShardPairs
 
+    transform = backbone.image_transform(train=config.train_augment == "model")
     if isinstance(source, ShardPairs):
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        return shard_loader_for(source, config, backbone, rank, world, accelerator.device if accelerator else "cpu")
+        return ShardLoader(source, transform, backbone.tokenize, config.batch_size, config.train_num_samples, rank,
+                           world, config.workers, config.seed, config.dataset_resampled, config.max_image_pixels,
+                           accelerator.device if accelerator else "cpu")
 
-    dataset = PairDataset(source, backbone.image_transform(train=config.train_augment == "model"), seed=config.seed,
-                          max_pixels=config.max_image_pixels)
+    dataset = PairDataset(source, transform, seed=config.seed, max_pixels=config.max_image_pixels)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), seed=config.seed),
                         num_workers=config.workers, drop_last=True,
                         collate_fn=partial(collate_pairs, tokenize=backbone.tokenize))
